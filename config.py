@@ -1,0 +1,255 @@
+"""Every setting of the pipeline, in three typed dataclasses, parsed from YAML + command line.
+
+    python train.py configs/lora.yaml --learning_rate 1e-4     # the command line wins
+
+`ModelArguments` says what model is built (base ids, connector, LoRA, quantization) and which
+parts train; it is stored in every checkpoint's manifest, so a checkpoint rebuilds its model.
+`DataArguments` says what it reads. `TrainArguments` is transformers' `TrainingArguments`
+plus the few knobs this pipeline adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work. The message names the fix."""
+
+
+@dataclass
+class ModelArguments:
+    # --- what the model is built from -------------------------------------------------------
+    vision_model: str = field(
+        default="openai/clip-vit-large-patch14-336",
+        metadata={"help": "Vision tower: hub id or local path (CLIP, SigLIP, ...)."},
+    )
+    llm_model: str = field(
+        default="lmsys/vicuna-7b-v1.5", metadata={"help": "Causal LLM: hub id or local path."}
+    )
+    vision_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision."})
+    llm_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype the base weights load in: float32 | bfloat16 | float16."},
+    )
+    build_tiny_base_if_missing: bool = field(
+        default=False,
+        metadata={"help": "Demo only: write a seeded tiny base to the two paths above if absent."},
+    )
+    # LLaVA-1.5 takes the second-to-last layer's patch features and drops CLS.
+    vision_feature_layer: int = field(default=-2)
+    vision_feature_select_strategy: str = field(
+        default="default",
+        metadata={"help": "'default' drops the CLS token when the tower has one; 'full' keeps all."},
+    )
+    connector: str = field(default="mlp2x_gelu", metadata={"help": "mlp2x_gelu | resampler"})
+    resampler_num_queries: int = field(default=64, metadata={"help": "Image tokens per image."})
+    resampler_num_heads: int = field(default=8)
+
+    # --- what trains ---------------------------------------------------------------------------
+    freeze_vit: bool = field(default=True, metadata={"help": "Freeze the vision tower's weights."})
+    freeze_qformer: bool = field(default=False, metadata={"help": "Freeze the connector."})
+    freeze_llm: bool = field(default=True, metadata={"help": "Freeze the LLM's weights."})
+    lora_enable: bool = field(default=False)
+    lora_target: str = field(default="llm", metadata={"help": "llm | vit | both"})
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Module names for LoRA; default: every linear layer of the target."},
+    )
+    freeze_lora: bool = field(
+        default=False, metadata={"help": "Keep LoRA adapters in the graph but frozen."}
+    )
+    trainable_regex: Optional[list[str]] = field(
+        default=None, metadata={"help": "Parameter-name regexes forced trainable (after flags)."}
+    )
+    frozen_regex: Optional[list[str]] = field(
+        default=None, metadata={"help": "Parameter-name regexes forced frozen (applied last)."}
+    )
+    bits: int = field(default=16, metadata={"help": "16, or 8 / 4 for bitsandbytes QLoRA."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 | fp4."})
+    double_quant: bool = field(default=True)
+
+    def __post_init__(self):
+        if self.connector not in ("mlp2x_gelu", "resampler"):
+            raise ConfigError(f"--connector {self.connector!r}: choose mlp2x_gelu or resampler.")
+        if self.lora_target not in ("llm", "vit", "both"):
+            raise ConfigError(f"--lora_target {self.lora_target!r}: choose llm, vit or both.")
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"--bits {self.bits}: choose 16, 8 or 4.")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError("--vision_feature_select_strategy: choose default or full.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
+        refuse_conflicts(self)
+
+    @property
+    def lora_on_llm(self) -> bool:
+        return self.lora_enable and self.lora_target in ("llm", "both")
+
+    @property
+    def lora_on_vit(self) -> bool:
+        return self.lora_enable and self.lora_target in ("vit", "both")
+
+
+def refuse_conflicts(args: ModelArguments) -> None:
+    """Flag combinations that cannot mean what the user wants, refused before any model loads.
+    The README's freeze matrix lists every combination and what it trains."""
+    if args.lora_on_llm and not args.freeze_llm:
+        raise ConfigError(
+            "--freeze_llm false trains every LLM weight, so --lora_enable true with --lora_target "
+            f"{args.lora_target} would add adapters to weights that already train. Use either "
+            "--freeze_llm true (LoRA) or --lora_target vit / --lora_enable false (full finetune)."
+        )
+    if args.lora_on_vit and not args.freeze_vit:
+        raise ConfigError(
+            f"--lora_target {args.lora_target} puts LoRA on the vision tower but --freeze_vit false "
+            "also trains all of its weights. Say which you meant: --freeze_vit true for vision "
+            "LoRA, or --lora_target llm to fully train the tower."
+        )
+    if args.bits < 16 and not args.freeze_llm:
+        raise ConfigError(
+            f"--bits {args.bits} loads the LLM quantized, whose weights cannot train, but "
+            "--freeze_llm false asks to train them. Use --freeze_llm true with --lora_enable true "
+            "(QLoRA), or --bits 16 for a full finetune."
+        )
+    if args.freeze_lora and not args.lora_enable:
+        raise ConfigError(
+            "--freeze_lora true freezes LoRA adapters, but --lora_enable is false so there are "
+            "none. Drop --freeze_lora, or set --lora_enable true (with --init_from a LoRA stage)."
+        )
+    lora_trains = args.lora_enable and not args.freeze_lora
+    if (
+        args.freeze_vit and args.freeze_qformer and args.freeze_llm
+        and not lora_trains and not args.trainable_regex
+    ):
+        raise ConfigError(
+            "Nothing left to train: --freeze_vit, --freeze_qformer and --freeze_llm are true and "
+            "no LoRA trains (--lora_enable false or --freeze_lora true) and --trainable_regex is "
+            "empty. Unfreeze a component or enable LoRA."
+        )
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(
+        default=None, metadata={"help": "LLaVA-format .json or .jsonl training file."}
+    )
+    image_folder: Optional[str] = field(default=None, metadata={"help": "Root of image paths."})
+    eval_data_path: Optional[str] = field(
+        default=None, metadata={"help": "Held-out records: exact-match accuracy after training."}
+    )
+    max_length: int = field(default=2048, metadata={"help": "Tokens, image tokens included."})
+    chat_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "A .jinja file that replaces the tokenizer's chat template."},
+    )
+    make_demo_data_if_missing: bool = field(
+        default=False, metadata={"help": "Demo only: generate the synthetic shapes set if absent."}
+    )
+    demo_train_size: int = field(default=4000)
+    demo_eval_size: int = field(default=200)
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    output_dir: str = field(default="outputs/run")
+    vision_lr: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the vision tower; default learning_rate."}
+    )
+    connector_lr: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the connector; default learning_rate."}
+    )
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "Start from an earlier stage's checkpoint (its delta)."}
+    )
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print the freeze table and memory plan, then exit."}
+    )
+    # Our forward passes `num_items_in_batch` through to the LLM's loss, so the Trainer must
+    # not scale the loss again (that doubles it under DDP).
+    remove_unused_columns: bool = field(default=False)
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def _as_cli(key: str, value) -> list[str]:
+    """One YAML entry as the command-line words HfArgumentParser reads."""
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+def _refuse_unknown(keys, known: set[str], where: str) -> None:
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown setting {key!r} in {where}.{hint}")
+
+
+def parse_config(argv: Optional[list[str]] = None, default_yaml: Optional[str] = DEMO_CONFIG):
+    """`[config.yaml] [--key value ...]` -> (ModelArguments, DataArguments, TrainArguments).
+
+    YAML values become command-line words placed before the real ones, so the command line
+    wins. With no words at all the demo config is used.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    yaml_path = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml")) else None
+    if yaml_path is None and not argv:
+        yaml_path = default_yaml
+
+    parser = HfArgumentParser(ALL_ARGUMENTS, allow_abbrev=False)
+    known = {f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls)}
+
+    words: list[str] = []
+    if yaml_path:
+        with open(yaml_path) as f:
+            settings = yaml.safe_load(f) or {}
+        _refuse_unknown(settings, known, yaml_path)
+        for key, value in settings.items():
+            words += _as_cli(key, value)
+    _refuse_unknown(
+        [w[2:].split("=")[0] for w in argv if w.startswith("--")], known, "the command line"
+    )
+    model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
+        args=words + argv, return_remaining_strings=True
+    )
+    if rest:
+        raise ConfigError(f"Unexpected command-line words {rest}: settings are --key value.")
+    return model_args, data_args, train_args
+
+
+def config_dict(model_args, data_args, train_args) -> dict:
+    return {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "train": train_args.to_dict(),
+    }
+
+
+def save_resolved_config(path: str, model_args, data_args, train_args) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_dict(model_args, data_args, train_args), f, sort_keys=False)

@@ -1,0 +1,76 @@
+"""Answer questions about images with a loaded model: used by infer.py, train.py's held-out
+accuracy and the web demo, so all three generate the same way."""
+
+from __future__ import annotations
+
+import torch
+
+from data.dataset import image_paths, load_image
+from data.prompt import llava_to_messages, tokenize_prompt
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where generation starts."""
+    longest = max(map(len, sequences))
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, longest - len(seq) :] = torch.tensor(seq)
+        mask[row, longest - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]], max_new_tokens=32, do_sample=False, temperature=1.0
+) -> list[str]:
+    """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings."""
+    sequences, images = [], []
+    for messages, prompt_images in prompts:
+        sequences.append(tokenize_prompt(tokenizer, messages, model.num_image_tokens, model.image_token_index))
+        images += prompt_images
+    input_ids, attention_mask = _left_pad(sequences, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    new_tokens = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        pixel_values=pixel_values,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def first_question(record: dict, image_folder: str | None) -> tuple[list[dict], list, str | None]:
+    """(messages up to the first answer, images, expected answer) of a LLaVA record."""
+    messages = llava_to_messages(record["conversations"])
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    expected = messages[first_answer]["content"] if first_answer < len(messages) else None
+    images = [load_image(p) for p in image_paths(record, image_folder)]
+    return messages[:first_answer], images, expected
+
+
+def exact_match(prediction: str, answer: str | None) -> bool:
+    return answer is not None and prediction.strip().lower() == answer.strip().lower()
+
+
+def predict_records(model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=32):
+    """One {"id", "prediction", "answer"} per record, answering its first human turn."""
+    results = []
+    for start in range(0, len(records), batch_size):
+        batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
+        questions = [first_question(r, image_folder) for r in batch]
+        answers = generate_answers(
+            model, tokenizer, image_processor, [(m, imgs) for m, imgs, _ in questions], max_new_tokens
+        )
+        for record, (_, _, expected), prediction in zip(batch, questions, answers):
+            results.append({"id": record.get("id"), "prediction": prediction, "answer": expected})
+    return results
+
+
+def accuracy(results: list[dict]) -> float:
+    return sum(exact_match(r["prediction"], r["answer"]) for r in results) / max(len(results), 1)

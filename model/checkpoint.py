@@ -1,0 +1,252 @@
+"""Delta checkpoints: only what training changed, plus a manifest that rebuilds the rest.
+
+A checkpoint folder (the final output and every `checkpoint-N` alike):
+
+    vlm_manifest.json        base ids, ModelArguments, base fingerprint, tensor list, versions
+    delta.safetensors        trained non-LoRA tensors (connector, unfrozen tower weights)
+    llm_adapter/             PEFT's layout: adapter_config.json + adapter_model.safetensors
+    vision_adapter/          (the same, when the vision tower has LoRA)
+    chat_template.jinja      the template the prompts were built with
+
+`load_checkpoint` is the one loader: infer.py, --init_from, export and the tests all use it.
+It rebuilds the base, checks its fingerprint, and loads the delta strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import peft
+import safetensors
+import torch
+import transformers
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from config import ModelArguments
+from model.build import build_model, load_processors
+from model.freeze import apply_freeze_policy, is_lora
+
+FORMAT_VERSION = 1
+MANIFEST = "vlm_manifest.json"
+DELTA = "delta.safetensors"
+CHAT_TEMPLATE = "chat_template.jinja"
+ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as it is; the message says what is wrong and the fix."""
+
+
+def _adapted_modules(model) -> dict[str, PeftModel]:
+    modules = {"llm": model.llm, "vision": model.vision.encoder}
+    return {k: m for k, m in modules.items() if isinstance(m, PeftModel)}
+
+
+def delta_names(model) -> list[str]:
+    """Non-LoRA tensors that differ from the base: trainable now, or loaded from a parent stage."""
+    inherited = getattr(model, "inherited_delta", set())
+    return [
+        name
+        for name, param in model.named_parameters()
+        if not is_lora(name) and (param.requires_grad or name in inherited)
+    ]
+
+
+def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = None) -> None:
+    """Write the delta of `model` to `out_dir`. The manifest goes last: a folder without one
+    is an unfinished save and is never loaded."""
+    os.makedirs(out_dir, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().cpu().contiguous() for name in delta_names(model)}
+    save_file(tensors, os.path.join(out_dir, DELTA), metadata={"format": "pt"})
+    for component, module in _adapted_modules(model).items():
+        module.save_pretrained(os.path.join(out_dir, ADAPTERS[component]))
+    if tokenizer is not None and tokenizer.chat_template:
+        with open(os.path.join(out_dir, CHAT_TEMPLATE), "w") as f:
+            f.write(tokenizer.chat_template)
+    args = model.build_args
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "base": {
+            "vision": args.vision_model,
+            "vision_revision": args.vision_revision,
+            "llm": args.llm_model,
+            "llm_revision": args.llm_revision,
+        },
+        "base_fingerprint": model.base_fingerprint,
+        "model_args": dataclasses.asdict(args),
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+        "adapters": sorted(ADAPTERS[c] for c in _adapted_modules(model)),
+        "parent": parent,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def read_manifest(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{ckpt_dir} has no {MANIFEST}: it is not a checkpoint of this repo, or its save was "
+            "cut off before it finished. Point at a complete checkpoint folder."
+        )
+    with open(path) as f:
+        manifest = json.load(f)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version}; this code reads {FORMAT_VERSION}. "
+            "Load it with the version of this repo that wrote it."
+        )
+    return manifest
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # safetensors raises its own types for truncated headers/data
+        raise CheckpointError(
+            f"{path} cannot be read ({error}): truncated or corrupt. Copy it again or use an "
+            "earlier checkpoint."
+        ) from error
+
+
+def check_base(model, manifest: dict, allow_base_mismatch: bool = False) -> None:
+    expected, actual = manifest["base_fingerprint"], model.base_fingerprint
+    wrong = [c for c in expected if expected[c] != actual.get(c)]
+    if not wrong:
+        return
+    message = "; ".join(f"{c}: checkpoint trained on {expected[c]}, base is {actual.get(c)}" for c in wrong)
+    if allow_base_mismatch:
+        print(f"WARNING: --allow_base_mismatch: loading a delta onto another base ({message}).")
+        return
+    raise CheckpointError(
+        f"Base fingerprint mismatch ({message}). This delta was trained on other base weights; "
+        f"load it onto {manifest['base']} (or pass --allow_base_mismatch true to force it)."
+    )
+
+
+def apply_delta(model, ckpt_dir: str, manifest: dict) -> set[str]:
+    """Load the delta tensors and adapters of `ckpt_dir` into `model`, strictly.
+
+    Every saved tensor must land on a parameter of the same shape, every tensor the manifest
+    lists must be in the file, and every adapter must fill every LoRA weight of the model.
+    Returns the non-LoRA names loaded.
+    """
+    tensors = _read_safetensors(os.path.join(ckpt_dir, DELTA))
+    params = dict(model.named_parameters())
+    missing = sorted(set(manifest["tensors"]) - set(tensors))
+    unknown = sorted(set(tensors) - set(params))
+    misshapen = sorted(
+        f"{n} {tuple(t.shape)} vs model {tuple(params[n].shape)}"
+        for n, t in tensors.items()
+        if n in params and params[n].shape != t.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"listed in the manifest but absent from {DELTA}: {missing}")
+    if unknown:
+        problems.append(f"not parameters of the rebuilt model: {unknown}")
+    if misshapen:
+        problems.append(f"shape mismatch: {misshapen}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt_dir} does not fit the model its manifest describes ("
+            + "; ".join(problems)
+            + f"; fingerprint {manifest['base_fingerprint']}). Re-save the checkpoint or rebuild "
+            "it with the base and settings it was trained with."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+    adapted = _adapted_modules(model)
+    saved_adapters = set(manifest.get("adapters", []))
+    if saved_adapters != {ADAPTERS[c] for c in adapted}:
+        raise CheckpointError(
+            f"{ckpt_dir} holds adapters {sorted(saved_adapters)} but the model has LoRA on "
+            f"{sorted(adapted)}: --lora_enable / --lora_target must match the checkpoint's."
+        )
+    for component, module in adapted.items():
+        path = os.path.join(ckpt_dir, ADAPTERS[component], "adapter_model.safetensors")
+        state = _read_safetensors(path)
+        try:
+            result = set_peft_model_state_dict(module, state)
+        except RuntimeError as error:  # shape mismatches
+            raise CheckpointError(f"{path} does not fit the model's LoRA layers: {error}") from error
+        missing_lora = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing_lora:
+            raise CheckpointError(
+                f"{path}: unexpected {list(result.unexpected_keys)[:10]}, missing "
+                f"{missing_lora[:10]}: lora_r / lora_modules must match the checkpoint's."
+            )
+    return set(tensors)
+
+
+def load_checkpoint(
+    ckpt_dir: str,
+    base_vision: str | None = None,
+    base_llm: str | None = None,
+    allow_base_mismatch: bool = False,
+    **model_overrides,
+):
+    """Base (from the manifest, or the overrides) -> fingerprint check -> strict delta load.
+
+    Returns (model, tokenizer, image_processor, manifest), the model in eval mode.
+    """
+    manifest = read_manifest(ckpt_dir)
+    fields = {f.name for f in dataclasses.fields(ModelArguments)}
+    stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
+    stored.update({k: v for k, v in model_overrides.items() if v is not None})
+    if base_vision:
+        stored["vision_model"] = base_vision
+    if base_llm:
+        stored["llm_model"] = base_llm
+    stored["build_tiny_base_if_missing"] = False
+    args = ModelArguments(**stored)
+
+    model = build_model(args)
+    check_base(model, manifest, allow_base_mismatch)
+    apply_freeze_policy(model, args)  # the recipe's trainable set, to check the delta covers it
+    untrained = [
+        n for n, p in model.named_parameters() if p.requires_grad and not is_lora(n) and n not in manifest["tensors"]
+    ]
+    if untrained:
+        raise CheckpointError(
+            f"{ckpt_dir}: the recipe trains {untrained[:10]} (of {len(untrained)}) but the delta "
+            "does not hold them: the checkpoint is incomplete."
+        )
+    model.inherited_delta = apply_delta(model, ckpt_dir, manifest)
+    template = os.path.join(ckpt_dir, CHAT_TEMPLATE)
+    tokenizer, image_processor = load_processors(args, template if os.path.isfile(template) else None)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer, image_processor, manifest
+
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir`: one whose save finished (manifest and
+    trainer state written). A folder cut off mid-save is never taken."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        complete = os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(
+            os.path.join(path, "trainer_state.json")
+        )
+        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit() and complete:
+            steps.append(int(name[len("checkpoint-") :]))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None

@@ -1,0 +1,29 @@
+"""A cheap fingerprint of base weights, so a delta is never applied to the wrong base."""
+
+import hashlib
+
+import torch
+from torch import nn
+
+SAMPLES_PER_TENSOR = 4096
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over a strided sample of every parameter outside linear layers.
+
+    Linear weights are skipped so that the fingerprint is the same whether the base loads in
+    fp32, bf16, 8-bit or 4-bit; the embeddings, norms and patch embeddings that remain differ
+    between any two trained (or two differently seeded) bases. Values are rounded to bf16 first
+    for the same reason.
+    """
+    digest = hashlib.sha256()
+    for module_name, child in sorted(module.named_modules(), key=lambda item: item[0]):
+        if isinstance(child, nn.Linear):
+            continue
+        for name, param in sorted(child.named_parameters(recurse=False)):
+            flat = param.detach().reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR))
+            sample = flat[index.long().to(flat.device)].to(torch.bfloat16).float().cpu()
+            digest.update(f"{module_name}.{name}{tuple(param.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,58 @@
+"""transformers' Trainer, changed only where a VLM with a delta checkpoint needs it."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from model.checkpoint import apply_delta, read_manifest, save_checkpoint
+
+
+class VLMTrainer(Trainer):
+    """Three changes: the optimizer gets a learning rate per component and only trainable
+    parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
+    would write frozen base, LoRA and quantization state together); resuming loads it back."""
+
+    def __init__(self, *args, parent_checkpoint: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parent_checkpoint = parent_checkpoint
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        decay = set(self.get_decay_parameter_names(model))
+        rates = {
+            "vision": self.args.vision_lr or self.args.learning_rate,
+            "connector": self.args.connector_lr or self.args.learning_rate,
+            "llm": self.args.learning_rate,
+        }
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((name.split(".", 1)[0], name in decay), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "lr": rates[component],
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            }
+            for (component, decays), params in groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self.args.should_save:
+            save_checkpoint(
+                self.accelerator.unwrap_model(self.model),
+                output_dir or self.args.output_dir,
+                tokenizer=self.processing_class,
+                parent=self.parent_checkpoint,
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        apply_delta(model, resume_from_checkpoint, read_manifest(resume_from_checkpoint))

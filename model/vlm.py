@@ -1,0 +1,85 @@
+"""The vision-language model: vision tower -> connector -> causal LLM, in one small module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Image positions in `input_ids` hold this id (LLaVA's convention). It never reaches the
+# embedding table, so the base vocabulary and embeddings stay untouched.
+IMAGE_TOKEN_INDEX = -200
+
+
+class VisionLanguageModel(nn.Module):
+    """Children: `vision` (VisionTower), `connector` (projector or resampler), `llm` (causal LM).
+
+    Image features are written into the image-token positions of the text embeddings with a
+    masked write, in order: batch row by batch row, images in the order they appear.
+    """
+
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, num_image_tokens: int):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.num_image_tokens = num_image_tokens
+        self.image_token_index = IMAGE_TOKEN_INDEX
+
+    def vision_trains(self) -> bool:
+        return any(p.requires_grad for p in self.vision.parameters())
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # A frozen tower runs without autograd: no activations are kept for what cannot learn.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains()):
+            features = self.vision(pixel_values)  # [N, P, C]
+        return self.connector(features.to(self.connector_dtype()))  # [N, T, D]
+
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        image_mask = input_ids == self.image_token_index  # [B, L]
+        embed_tokens = self.llm.get_input_embeddings()
+        embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+        num_slots = int(image_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if num_slots:
+                raise ValueError(f"{num_slots} image-token positions but no pixel_values.")
+            return embeds
+        image_embeds = self.embed_images(pixel_values)  # [N, T, D]
+        if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"{num_slots} image-token positions for {image_embeds.shape[0]} images of "
+                f"{image_embeds.shape[1]} tokens: the prompt and the images disagree."
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+        """Returns the LLM's output (loss when labels are given, logits [B, L, V]).
+
+        `**kwargs` carries the Trainer's `num_items_in_batch` to the LLM's loss: dropping it
+        makes the Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, **generate_kwargs):
+        """New token ids only [B, new] (the prompt is passed as embeddings, so it is not echoed)."""
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Called by the Trainer for `--gradient_checkpointing true`.
+
+        Always non-reentrant: reentrant checkpointing needs an input that requires grad, which a
+        frozen tower does not give ("None of the inputs have requires_grad=True", and vision
+        LoRA silently left without gradients). A frozen tower is not checkpointed: it keeps no
+        activations to begin with.
+        """
+        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+        if self.vision_trains():
+            self.vision.encoder.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=ckpt_kwargs, **kwargs
+            )

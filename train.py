@@ -1,0 +1,107 @@
+"""Fine-tune a vision-language model: vision tower -> connector -> causal LLM.
+
+    torchrun --nproc_per_node=1 train.py                                  # the built-in demo
+    torchrun --nproc_per_node=8 train.py configs/llava15_finetune.yaml    # a recipe
+    python train.py configs/lora.yaml --learning_rate 1e-4 --max_steps 10  # the command line wins
+
+Reads like a table of contents: config -> model -> freeze policy -> data -> Trainer -> delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import set_seed
+
+from config import parse_config, save_resolved_config
+from data.dataset import Collator, SupervisedDataset, read_records
+from data.synthetic import make_demo_dataset, vocabulary
+from evaluate import accuracy, predict_records
+from model.build import build_model, load_processors
+from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
+from model.freeze import apply_freeze_policy, format_table
+from model.tiny_base import make_tiny_base
+from model.trainer import VLMTrainer
+
+
+def prepare_demo_assets(model_args, data_args, train_args) -> None:
+    """The demo needs no download: a seeded tiny base and a synthetic set, made once."""
+    with train_args.main_process_first(desc="demo assets"):
+        if model_args.build_tiny_base_if_missing and not os.path.isdir(model_args.llm_model):
+            make_tiny_base(os.path.dirname(model_args.llm_model), vocabulary(), seed=0)
+        if data_args.make_demo_data_if_missing and not os.path.isfile(data_args.data_path):
+            make_demo_dataset(
+                os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size
+            )
+
+
+def init_from_parent(model, parent_dir: str) -> None:
+    """Start from an earlier stage: its delta lands on the same base (fingerprint-checked), and
+    is saved again with this stage's, so each stage's checkpoint stands alone on the base."""
+    manifest = read_manifest(parent_dir)
+    check_base(model, manifest)
+    model.inherited_delta = apply_delta(model, parent_dir, manifest)
+
+
+def resolve_resume(train_args) -> str | None:
+    resume = train_args.resume_from_checkpoint
+    if resume in (None, "", "false", "False"):
+        return None
+    if resume in ("true", "True"):
+        return latest_checkpoint(train_args.output_dir)  # None: nothing saved yet, start fresh
+    return resume
+
+
+def main(argv=None):
+    model_args, data_args, train_args = parse_config(argv)
+    prepare_demo_assets(model_args, data_args, train_args)
+    set_seed(train_args.seed)
+    if train_args.should_save:
+        save_resolved_config(os.path.join(train_args.output_dir, "config.yaml"), model_args, data_args, train_args)
+
+    model = build_model(model_args)
+    if train_args.init_from:
+        init_from_parent(model, train_args.init_from)
+    table = format_table(apply_freeze_policy(model, model_args))
+    if train_args.should_log:
+        print(table)
+    if train_args.should_save:
+        with open(os.path.join(train_args.output_dir, "freeze_table.txt"), "w") as f:
+            f.write(table + "\n")
+    if train_args.dry_run:
+        return
+
+    tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+    train_dataset = SupervisedDataset(
+        data_args.data_path,
+        data_args.image_folder,
+        tokenizer,
+        image_processor,
+        model.num_image_tokens,
+        model.image_token_index,
+        data_args.max_length,
+    )
+    trainer = VLMTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=train_dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        parent_checkpoint=train_args.init_from,
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(train_args))
+    trainer.save_model(train_args.output_dir)
+
+    if data_args.eval_data_path and train_args.should_save:
+        model.eval()
+        results = predict_records(
+            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.image_folder
+        )
+        with open(os.path.join(train_args.output_dir, "eval_predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+        print(f"held-out accuracy: {accuracy(results):.4f} ({len(results)} records)")
+
+
+if __name__ == "__main__":
+    main()
