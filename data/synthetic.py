@@ -15,14 +15,14 @@ QUESTIONS = {
     "color": "What color are the shapes?",
     "shape": "What shape is shown?",
     "count": "How many shapes are there?",
-    "position": "Is the shape on the left or the right?",
+    "position": "Is the shape at the top or the bottom?",
 }
-SIZE = 32
+SIZE = 48  # the tiny tower's image_size
 
 
 def vocabulary() -> list[str]:
     """Text the demo uses: the tiny tokenizer is trained on it, so its words are single tokens."""
-    words = list(COLORS) + list(SHAPES) + ["1", "2", "3", "left", "right"]
+    words = list(COLORS) + list(SHAPES) + ["1", "2", "3", "top", "bottom"]
     return list(QUESTIONS.values()) + words + ["<image>\n" + q for q in QUESTIONS.values()]
 
 
@@ -40,15 +40,19 @@ def make_image(rng: random.Random) -> tuple[Image.Image, dict]:
     color, shape, count = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randint(1, 3)
     image = Image.new("RGB", (SIZE, SIZE), tuple(rng.randint(225, 255) for _ in range(3)))
     draw = ImageDraw.Draw(image)
-    radius = 5
+    radius = SIZE // 5
     if count == 1:
-        side = rng.choice(["left", "right"])
-        cx = rng.randint(radius + 1, SIZE // 2 - radius - 2) if side == "left" else rng.randint(SIZE // 2 + radius + 1, SIZE - radius - 2)
-        centers = [(cx, rng.randint(radius + 1, SIZE - radius - 2))]
+        # Top/bottom rather than left/right: image tokens are flattened row by row, so "top" is
+        # "early in the sequence", which a tiny LLM learns in seconds; left/right would ask it
+        # to read positions modulo the grid width.
+        side = rng.choice(["top", "bottom"])
+        low, high = (radius, SIZE // 2 - radius) if side == "top" else (SIZE // 2 + radius, SIZE - radius - 1)
+        centers = [(rng.randint(radius, SIZE - radius - 1), rng.randint(low, high))]
     else:
         side = None
-        cells = rng.sample([(x, y) for x in (8, 24) for y in (8, 24)], count)  # 2x2 grid
-        centers = [(x + rng.randint(-2, 2), y + rng.randint(-2, 2)) for x, y in cells]
+        quarter = SIZE // 4
+        cells = rng.sample([(x, y) for x in (quarter, 3 * quarter) for y in (quarter, 3 * quarter)], count)
+        centers = [(x + rng.randint(-2, 2), y + rng.randint(-2, 2)) for x, y in cells]  # 2x2 grid
     for cx, cy in centers:
         _draw(draw, shape, cx, cy, radius, COLORS[color])
     return image, {"color": color, "shape": shape, "count": str(count), "position": side}

@@ -39,11 +39,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    image_size=32, patch_size=4,
+    image_size=48, patch_size=6,  # 8x8 = 64 patches
 )
 TINY_LLM = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False,
 )
 
 
