@@ -16,7 +16,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -38,8 +37,8 @@ class ModelArguments:
     llm_model: str = field(
         default="lmsys/vicuna-7b-v1.5", metadata={"help": "Causal LLM: hub id or local path."}
     )
-    vision_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision."})
-    llm_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision."})
+    vision_revision: str | None = field(default=None, metadata={"help": "Hub revision."})
+    llm_revision: str | None = field(default=None, metadata={"help": "Hub revision."})
     dtype: str = field(
         default="float32",
         metadata={"help": "Dtype the base weights load in: float32 | bfloat16 | float16."},
@@ -67,17 +66,17 @@ class ModelArguments:
     lora_r: int = field(default=64)
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
-    lora_modules: Optional[list[str]] = field(
+    lora_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Module names for LoRA; default: every linear layer of the target."},
     )
     freeze_lora: bool = field(
         default=False, metadata={"help": "Keep LoRA adapters in the graph but frozen."}
     )
-    trainable_regex: Optional[list[str]] = field(
+    trainable_regex: list[str] | None = field(
         default=None, metadata={"help": "Parameter-name regexes forced trainable (after flags)."}
     )
-    frozen_regex: Optional[list[str]] = field(
+    frozen_regex: list[str] | None = field(
         default=None, metadata={"help": "Parameter-name regexes forced frozen (applied last)."}
     )
     bits: int = field(default=16, metadata={"help": "16, or 8 / 4 for bitsandbytes QLoRA."})
@@ -146,15 +145,15 @@ def refuse_conflicts(args: ModelArguments) -> None:
 
 @dataclass
 class DataArguments:
-    data_path: Optional[str] = field(
+    data_path: str | None = field(
         default=None, metadata={"help": "LLaVA-format .json or .jsonl training file."}
     )
-    image_folder: Optional[str] = field(default=None, metadata={"help": "Root of image paths."})
-    eval_data_path: Optional[str] = field(
+    image_folder: str | None = field(default=None, metadata={"help": "Root of image paths."})
+    eval_data_path: str | None = field(
         default=None, metadata={"help": "Held-out records: exact-match accuracy after training."}
     )
     max_length: int = field(default=2048, metadata={"help": "Tokens, image tokens included."})
-    chat_template: Optional[str] = field(
+    chat_template: str | None = field(
         default=None,
         metadata={"help": "A .jinja file that replaces the tokenizer's chat template."},
     )
@@ -168,13 +167,13 @@ class DataArguments:
 @dataclass
 class TrainArguments(TrainingArguments):
     output_dir: str = field(default="outputs/run")
-    vision_lr: Optional[float] = field(
+    vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower; default learning_rate."}
     )
-    connector_lr: Optional[float] = field(
+    connector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the connector; default learning_rate."}
     )
-    init_from: Optional[str] = field(
+    init_from: str | None = field(
         default=None, metadata={"help": "Start from an earlier stage's checkpoint (its delta)."}
     )
     dry_run: bool = field(
@@ -195,7 +194,8 @@ def _as_cli(key: str, value) -> list[str]:
     if isinstance(value, bool):
         return [f"--{key}", "true" if value else "false"]
     if isinstance(value, (list, tuple)):
-        return [f"--{key}", *map(str, value)]
+        # An empty list means the default: `--key` with no values is an argparse error.
+        return [f"--{key}", *map(str, value)] if value else []
     if isinstance(value, dict):
         return [f"--{key}", json.dumps(value)]
     return [f"--{key}", str(value)]
@@ -209,7 +209,7 @@ def _refuse_unknown(keys, known: set[str], where: str) -> None:
             raise ConfigError(f"Unknown setting {key!r} in {where}.{hint}")
 
 
-def parse_config(argv: Optional[list[str]] = None, default_yaml: Optional[str] = DEMO_CONFIG):
+def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_CONFIG):
     """`[config.yaml] [--key value ...]` -> (ModelArguments, DataArguments, TrainArguments).
 
     YAML values become command-line words placed before the real ones, so the command line

@@ -67,7 +67,7 @@ def predict_records(model, tokenizer, image_processor, records, image_folder, ba
         answers = generate_answers(
             model, tokenizer, image_processor, [(m, imgs) for m, imgs, _ in questions], max_new_tokens
         )
-        for record, (_, _, expected), prediction in zip(batch, questions, answers):
+        for record, (_, _, expected), prediction in zip(batch, questions, answers, strict=True):
             results.append({"id": record.get("id"), "prediction": prediction, "answer": expected})
     return results
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
 
 from transformers import HfArgumentParser
 
@@ -23,14 +22,14 @@ from model.checkpoint import load_checkpoint
 @dataclass
 class InferArguments:
     checkpoint: str = field(metadata={"help": "A checkpoint folder written by train.py."})
-    image: Optional[list[str]] = field(default=None, metadata={"help": "Image file(s) for --prompt."})
-    prompt: Optional[str] = field(default=None, metadata={"help": "The question."})
-    data: Optional[str] = field(default=None, metadata={"help": "LLaVA .json/.jsonl to answer."})
-    image_folder: Optional[str] = field(default=None)
-    output: Optional[str] = field(default=None, metadata={"help": "Where --data predictions go."})
-    base_vision: Optional[str] = field(default=None, metadata={"help": "Override the base tower."})
-    base_llm: Optional[str] = field(default=None, metadata={"help": "Override the base LLM."})
-    bits: Optional[int] = field(default=None, metadata={"help": "Load the base in 8/4 bits."})
+    image: list[str] | None = field(default=None, metadata={"help": "Image file(s) for --prompt."})
+    prompt: str | None = field(default=None, metadata={"help": "The question."})
+    data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl to answer."})
+    image_folder: str | None = field(default=None)
+    output: str | None = field(default=None, metadata={"help": "Where --data predictions go."})
+    base_vision: str | None = field(default=None, metadata={"help": "Override the base tower."})
+    base_llm: str | None = field(default=None, metadata={"help": "Override the base LLM."})
+    bits: int | None = field(default=None, metadata={"help": "Load the base in 8/4 bits."})
     allow_base_mismatch: bool = field(default=False, metadata={"help": "Loudly skip the check."})
     max_new_tokens: int = field(default=64)
     batch_size: int = field(default=32)

@@ -77,7 +77,7 @@ class VisionLanguageModel(nn.Module):
         LoRA silently left without gradients). A frozen tower is not checkpointed: it keeps no
         activations to begin with.
         """
-        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
+        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": True}
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         if self.vision_trains():
             self.vision.encoder.activation_checkpointing_enable(

@@ -1,0 +1,59 @@
+"""Shared fixtures: a seeded tiny base (CLIP or SigLIP tower + Llama LLM) and a tiny shapes set,
+each built once per session under pytest's temporary folder. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before anything imports transformers / wandb: no network, no wandb login, no fork warnings.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+for path in (REPO_ROOT, TESTS_DIR):  # the repo's modules, and `from helpers import ...`
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import pytest  # noqa: E402
+
+from data.synthetic import make_demo_dataset, vocabulary  # noqa: E402
+from model.tiny_base import make_tiny_base  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> dict:
+    """{"vision": path, "llm": path}: tiny CLIP tower (48 px, patch 6) + tiny Llama, seed 0."""
+    return make_tiny_base(str(tmp_path_factory.mktemp("tiny_base")), vocabulary(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_siglip(tmp_path_factory) -> dict:
+    """The same base with a SigLIP tower (no CLS token)."""
+    return make_tiny_base(str(tmp_path_factory.mktemp("tiny_base_siglip")), vocabulary(), seed=0, vision="siglip")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """{"train": json, "eval": json, "image_folder": dir}: 64 + 16 synthetic shape records;
+    image paths in the records are relative to image_folder (the folder of the json files)."""
+    paths = make_demo_dataset(str(tmp_path_factory.mktemp("demo_data")), train_size=64, eval_size=16)
+    return {**paths, "image_folder": os.path.dirname(paths["train"])}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base):
+    """The tiny base's tokenizer. Shared: tests that change it must work on a copy."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base["llm"])
+
+
+@pytest.fixture
+def model_args(tiny_base):
+    """`model_args(**overrides)` -> ModelArguments on the tiny CLIP base (see helpers.tiny_model_args)."""
+    from helpers import tiny_model_args
+
+    return lambda **overrides: tiny_model_args(tiny_base, **overrides)
