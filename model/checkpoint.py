@@ -67,7 +67,11 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     if tokenizer is not None and tokenizer.chat_template:
         with open(os.path.join(out_dir, CHAT_TEMPLATE), "w") as f:
             f.write(tokenizer.chat_template)
-    args = model.build_args
+    args = dataclasses.replace(
+        model.build_args,
+        vision_model=_relative_if_inside(model.build_args.vision_model, out_dir),
+        llm_model=_relative_if_inside(model.build_args.llm_model, out_dir),
+    )
     manifest = {
         "format_version": FORMAT_VERSION,
         "base": {
@@ -93,6 +97,21 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     os.replace(tmp, os.path.join(out_dir, MANIFEST))
 
 
+def _relative_if_inside(path: str, ckpt_dir: str) -> str:
+    """A base stored inside the checkpoint folder (an export's merged towers) is named relative
+    to it, so the folder can be moved whole. Any other base (a hub id, a folder elsewhere) is
+    kept as given."""
+    if not os.path.isdir(path):
+        return path
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(ckpt_dir))
+    return path if relative.startswith("..") else relative
+
+
+def _resolve_base(path: str, ckpt_dir: str) -> str:
+    inside = os.path.join(ckpt_dir, path)
+    return inside if not os.path.isabs(path) and os.path.isdir(inside) else path
+
+
 def read_manifest(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, MANIFEST)
     if not os.path.isfile(path):
@@ -112,6 +131,11 @@ def read_manifest(ckpt_dir: str) -> dict:
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path} is missing, but the checkpoint's {MANIFEST} lists it: the folder is incomplete. "
+            "Copy the whole checkpoint folder again or use an earlier checkpoint."
+        )
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
@@ -208,6 +232,8 @@ def load_checkpoint(
     manifest = read_manifest(ckpt_dir)
     fields = {f.name for f in dataclasses.fields(ModelArguments)}
     stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
+    stored["vision_model"] = _resolve_base(stored["vision_model"], ckpt_dir)
+    stored["llm_model"] = _resolve_base(stored["llm_model"], ckpt_dir)
     stored.update({k: v for k, v in model_overrides.items() if v is not None})
     if base_vision:
         stored["vision_model"] = base_vision
@@ -233,7 +259,6 @@ def load_checkpoint(
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer, image_processor, manifest
-
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
