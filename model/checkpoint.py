@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import peft
 import safetensors
@@ -261,17 +262,52 @@ def load_checkpoint(
     return model, tokenizer, image_processor, manifest
 
 
+COMPLETE = "checkpoint_complete"  # written last: the Trainer's files (optimizer, RNG, state) too
+
+
+def checkpoint_step(path: str) -> int | None:
+    name = os.path.basename(os.path.normpath(path))
+    digits = name[len("checkpoint-") :]
+    return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
+
+
+def mark_complete(ckpt_dir: str) -> None:
+    tmp = os.path.join(ckpt_dir, COMPLETE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("ok\n")
+    os.replace(tmp, os.path.join(ckpt_dir, COMPLETE))  # atomic on POSIX
+
+
+def is_complete(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` in `output_dir`: one whose save finished (manifest and
-    trainer state written). A folder cut off mid-save is never taken."""
+    """The newest complete `checkpoint-N` in `output_dir`. A folder cut off mid-save (no
+    completion mark) is never taken."""
     if not os.path.isdir(output_dir):
         return None
-    steps = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        complete = os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(
-            os.path.join(path, "trainer_state.json")
-        )
-        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit() and complete:
-            steps.append(int(name[len("checkpoint-") :]))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    complete = [
+        (checkpoint_step(name), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if checkpoint_step(name) is not None and is_complete(os.path.join(output_dir, name))
+    ]
+    return max(complete)[1] if complete else None
+
+
+def prune_checkpoints(output_dir: str, keep: int | None) -> None:
+    """`save_total_limit` that never deletes the newest complete checkpoint: keeps the `keep`
+    newest complete ones, and removes the leftovers of cut-off saves older than the newest."""
+    folders = sorted(
+        (checkpoint_step(name), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if checkpoint_step(name) is not None
+    )
+    complete = [path for _, path in folders if is_complete(path)]
+    if not complete:
+        return
+    newest = checkpoint_step(complete[-1])
+    doomed = complete[: -keep] if keep and keep > 0 else []
+    doomed += [path for step, path in folders if step < newest and not is_complete(path)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)

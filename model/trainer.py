@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import Trainer
 
-from model.checkpoint import apply_delta, read_manifest, save_checkpoint
+from model.checkpoint import apply_delta, mark_complete, prune_checkpoints, read_manifest, save_checkpoint
 
 
 class VLMTrainer(Trainer):
-    """Three changes: the optimizer gets a learning rate per component and only trainable
+    """Four changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
-    would write frozen base, LoRA and quantization state together); resuming loads it back."""
+    would write frozen base, LoRA and quantization state together); a `checkpoint-N` counts
+    only once all of it is written; resuming loads the delta back."""
 
     def __init__(self, *args, parent_checkpoint: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,6 +55,19 @@ class VLMTrainer(Trainer):
                 tokenizer=self.processing_class,
                 parent=self.parent_checkpoint,
             )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer prunes old checkpoints before we could mark this one complete; a kill in
+        # between would leave no good checkpoint at save_total_limit 1. So: save, mark, prune.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial)
+            mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
+            prune_checkpoints(run_dir, limit)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.model

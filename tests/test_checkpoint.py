@@ -16,11 +16,13 @@ from data.synthetic import vocabulary
 from model.build import build_model, load_processors
 from model.checkpoint import (
     ADAPTERS,
+    COMPLETE,
     DELTA,
     MANIFEST,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
 from model.freeze import apply_freeze_policy, is_lora
@@ -285,10 +287,20 @@ def test_latest_checkpoint_skips_unfinished_saves(tmp_path):
         for f in files:
             (tmp_path / name / f).write_text("{}")
 
-    make("checkpoint-2", MANIFEST, "trainer_state.json")
-    make("checkpoint-7", MANIFEST)  # cut off before the trainer state
-    make("checkpoint-9", "trainer_state.json", DELTA)  # cut off before the manifest
-    make("checkpoint-final", MANIFEST, "trainer_state.json")  # not a step folder
+    make("checkpoint-2", MANIFEST, "trainer_state.json", COMPLETE)
+    make("checkpoint-7", MANIFEST, "trainer_state.json")  # cut off before the completion mark
+    make("checkpoint-9", "trainer_state.json", DELTA)  # cut off earlier
+    make("checkpoint-final", MANIFEST, "trainer_state.json", COMPLETE)  # not a step folder
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
-    make("checkpoint-11", MANIFEST, "trainer_state.json")
+    make("checkpoint-11", MANIFEST, "trainer_state.json", COMPLETE)
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-11")
+
+
+def test_prune_keeps_newest_complete_and_drops_leftovers(tmp_path):
+    for step, complete in ((2, True), (4, True), (5, False), (6, True), (8, False)):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE).write_text("ok")
+    prune_checkpoints(str(tmp_path), keep=1)
+    # 6 is the newest good one; 8 may be a save in progress; 2, 4 are over the limit; 5 is debris.
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
