@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -179,9 +180,18 @@ class TrainArguments(TrainingArguments):
     dry_run: bool = field(
         default=False, metadata={"help": "Print the freeze table and memory plan, then exit."}
     )
-    # Our forward passes `num_items_in_batch` through to the LLM's loss, so the Trainer must
-    # not scale the loss again (that doubles it under DDP).
+    # The collator's batch keys are the model's inputs; the Trainer must not drop pixel_values.
     remove_unused_columns: bool = field(default=False)
+    # Every trainable parameter gets a gradient on every rank (frozen ones are not registered,
+    # text-only batches run a blank image), so DDP needs no unused-parameter search.
+    ddp_find_unused_parameters: bool | None = field(default=False)
+
+    def __post_init__(self):
+        # Without a GPU, accelerate treats `torchrun --nproc_per_node=N` as N unrelated single
+        # processes unless told to use the CPU; then the same code runs DDP over gloo.
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            self.use_cpu = True
+        super().__post_init__()
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)

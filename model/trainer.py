@@ -49,12 +49,14 @@ class VLMTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
             save_checkpoint(
                 self.accelerator.unwrap_model(self.model),
-                output_dir or self.args.output_dir,
+                output_dir,
                 tokenizer=self.processing_class,
                 parent=self.parent_checkpoint,
             )
+            print(f"[rank {self.args.process_index}] saved delta checkpoint to {output_dir}")
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer prunes old checkpoints before we could mark this one complete; a kill in

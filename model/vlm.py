@@ -28,6 +28,9 @@ class VisionLanguageModel(nn.Module):
     def vision_trains(self) -> bool:
         return any(p.requires_grad for p in self.vision.parameters())
 
+    def _image_path_trains(self) -> bool:
+        return self.vision_trains() or any(p.requires_grad for p in self.connector.parameters())
+
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # A frozen tower runs without autograd: no activations are kept for what cannot learn.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains()):
@@ -45,6 +48,12 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_slots:
                 raise ValueError(f"{num_slots} image-token positions but no pixel_values.")
+            if self.training and self._image_path_trains():
+                # A text-only batch must still touch every trainable weight: under DDP/ZeRO a
+                # rank that skips the vision path leaves the others waiting for its gradients
+                # forever. A blank image, weighted zero, changes nothing else.
+                blank = embeds.new_zeros(1, 3, self.vision.image_size, self.vision.image_size)
+                embeds = embeds + 0.0 * self.embed_images(blank).sum()
             return embeds
         image_embeds = self.embed_images(pixel_values)  # [N, T, D]
         if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
@@ -77,7 +86,7 @@ class VisionLanguageModel(nn.Module):
         LoRA silently left without gradients). A frozen tower is not checkpointed: it keeps no
         activations to begin with.
         """
-        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": True}
+        ckpt_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         if self.vision_trains():
             self.vision.encoder.activation_checkpointing_enable(
