@@ -41,7 +41,7 @@ def init_from_parent(model, parent_dir: str) -> None:
     is saved again with this stage's, so each stage's checkpoint stands alone on the base."""
     manifest = read_manifest(parent_dir)
     check_base(model, manifest)
-    model.inherited_delta = apply_delta(model, parent_dir, manifest)
+    model.inherited_delta = apply_delta(model, parent_dir, manifest, new_adapters_ok=True)
 
 
 def resolve_resume(train_args) -> str | None:

@@ -162,11 +162,13 @@ def check_base(model, manifest: dict, allow_base_mismatch: bool = False) -> None
     )
 
 
-def apply_delta(model, ckpt_dir: str, manifest: dict) -> set[str]:
+def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = False) -> set[str]:
     """Load the delta tensors and adapters of `ckpt_dir` into `model`, strictly.
 
     Every saved tensor must land on a parameter of the same shape, every tensor the manifest
     lists must be in the file, and every adapter must fill every LoRA weight of the model.
+    `new_adapters_ok` (a later stage, `--init_from`): the model may add LoRA where the parent
+    had none (it starts fresh), but never drop an adapter the parent trained.
     Returns the non-LoRA names loaded.
     """
     tensors = _read_safetensors(os.path.join(ckpt_dir, DELTA))
@@ -198,12 +200,15 @@ def apply_delta(model, ckpt_dir: str, manifest: dict) -> set[str]:
 
     adapted = _adapted_modules(model)
     saved_adapters = set(manifest.get("adapters", []))
-    if saved_adapters != {ADAPTERS[c] for c in adapted}:
+    model_adapters = {ADAPTERS[c] for c in adapted}
+    if saved_adapters - model_adapters or (saved_adapters != model_adapters and not new_adapters_ok):
         raise CheckpointError(
             f"{ckpt_dir} holds adapters {sorted(saved_adapters)} but the model has LoRA on "
             f"{sorted(adapted)}: --lora_enable / --lora_target must match the checkpoint's."
         )
     for component, module in adapted.items():
+        if ADAPTERS[component] not in saved_adapters:
+            continue  # a new adapter of this stage: PEFT's initialisation (B = 0) stands
         path = os.path.join(ckpt_dir, ADAPTERS[component], "adapter_model.safetensors")
         state = _read_safetensors(path)
         try:

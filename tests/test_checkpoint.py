@@ -304,3 +304,18 @@ def test_prune_keeps_newest_complete_and_drops_leftovers(tmp_path):
     prune_checkpoints(str(tmp_path), keep=1)
     # 6 is the newest good one; 8 may be a save in progress; 2, 4 are over the limit; 5 is debris.
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_init_from_may_add_lora_but_never_drop_it(saved_lora, tiny_base):
+    # A LoRA stage may start from a parent without LoRA (LLaVA: pretrain -> LoRA finetune) ...
+    vision_lora_only = build_model(tiny_model_args(tiny_base, **LORA, lora_target="vit"))
+    with pytest.raises(CheckpointError, match="holds adapters"):
+        # ... but a stage without the parent's LLM adapter would silently drop trained weights.
+        init_from_parent(vision_lora_only, saved_lora["path"])
+    with_more_lora = build_model(tiny_model_args(tiny_base, **LORA, lora_target="both"))
+    init_from_parent(with_more_lora, saved_lora["path"])
+    vision_lora_b = [p for n, p in with_more_lora.vision.named_parameters() if "lora_B" in n]
+    assert vision_lora_b and all(torch.all(p == 0) for p in vision_lora_b)  # fresh, PEFT's init
+    parent = load_file(os.path.join(saved_lora["path"], "llm_adapter", "adapter_model.safetensors"))
+    loaded = {n: p for n, p in with_more_lora.llm.named_parameters() if "lora_" in n}
+    assert any(torch.equal(loaded[n], t) for n in loaded for t in parent.values() if t.shape == loaded[n].shape)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna-7B. Stage 1 trains the projector on 558K captions,
+# stage 2 finetunes the LLM (vision tower frozen) on the 665K instruction mix, starting from
+# stage 1's delta. Settings live in the configs; extra arguments go to both stages.
+#   bash scripts/llava15.sh [--max_steps 10 ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."  # paths below are relative to the repo root
+NPROC=${NPROC:-8}
+VISION=${VISION:-openai/clip-vit-large-patch14-336}
+LLM=${LLM:-lmsys/vicuna-7b-v1.5}
+PRETRAIN_DATA=${PRETRAIN_DATA:-playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}
+PRETRAIN_IMAGES=${PRETRAIN_IMAGES:-playground/data/LLaVA-Pretrain/images}
+FINETUNE_DATA=${FINETUNE_DATA:-playground/data/llava_v1_5_mix665k.json}
+FINETUNE_IMAGES=${FINETUNE_IMAGES:-playground/data}
+OUT=${OUT:-outputs/llava15}
+
+torchrun --nproc_per_node="$NPROC" train.py configs/llava15_pretrain.yaml \
+  --vision_model "$VISION" --llm_model "$LLM" \
+  --data_path "$PRETRAIN_DATA" --image_folder "$PRETRAIN_IMAGES" --output_dir "$OUT/pretrain" "$@"
+torchrun --nproc_per_node="$NPROC" train.py configs/llava15_finetune.yaml \
+  --vision_model "$VISION" --llm_model "$LLM" --init_from "$OUT/pretrain" \
+  --data_path "$FINETUNE_DATA" --image_folder "$FINETUNE_IMAGES" --output_dir "$OUT/finetune" "$@"
