@@ -44,6 +44,20 @@ def _load_kwargs(args, quantize: bool) -> dict:
     }
 
 
+def _keep_4bit_layout(module: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight in place, for a CPU with AVX512-BF16, the first
+    time it runs in eval mode without grad (an evaluation, a generate). The repacked layer then
+    multiplies through `gemv_4bit`, which has no backward: training after that silently drops
+    every gradient through the frozen 4-bit weights (LoRA below it and the connector get wrong
+    gradients) and the frozen weight's bytes and absmax (cast to bf16) have changed. Keep the
+    training layout always."""
+    import bitsandbytes as bnb
+
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
 def linear_module_names(module: nn.Module, exclude=("lm_head",)) -> list[str]:
     """Leaf names of every linear layer (`q_proj`, `fc1`, ...): LoRA's default targets."""
     names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)}
@@ -83,8 +97,10 @@ def build_model(args) -> VisionLanguageModel:
         # Casts norms and embeddings to fp32 (the "expected Float, found BFloat16" errors of the
         # peers); checkpointing is ours to set, non-reentrant, in VisionLanguageModel.
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        _keep_4bit_layout(llm)
         if quantize_vit:
             vision.encoder = prepare_model_for_kbit_training(vision.encoder, use_gradient_checkpointing=False)
+            _keep_4bit_layout(vision.encoder)
     if args.lora_on_llm:
         llm = _add_lora(llm, args)
     if args.lora_on_vit:

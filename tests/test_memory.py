@@ -1,0 +1,208 @@
+"""The `--dry_run` memory plan: `train.py --dry_run` prints it and trains nothing; its parts are
+exact where they can be (weights, gradients, AdamW states), its activations match what autograd
+really keeps, and the whole plan matches the measured peak RSS of real training steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from helpers import tiny_model_args
+from test_freeze import RECIPES, fixed_batch
+
+from config import parse_config
+from model.build import build_model
+from model.freeze import apply_freeze_policy
+from model.memory import format_plan, plan_memory
+from scripts.bench_memory import CHILD_ENV, child_command
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def built(tiny_base, **overrides):
+    args = tiny_model_args(tiny_base, **overrides)
+    torch.manual_seed(0)
+    model = build_model(args)
+    apply_freeze_policy(model, args)
+    return model
+
+
+# --- train.py --dry_run -------------------------------------------------------------------------
+
+
+def test_dry_run_prints_table_and_plan_and_trains_nothing(tiny_base, demo_data, tmp_path):
+    out = str(tmp_path / "run")
+    argv = [
+        "configs/demo.yaml",
+        "--vision_model", tiny_base["vision"],
+        "--llm_model", tiny_base["llm"],
+        "--build_tiny_base_if_missing", "false",
+        "--data_path", demo_data["train"],
+        "--image_folder", demo_data["image_folder"],
+        "--make_demo_data_if_missing", "false",
+        "--per_device_train_batch_size", "3",
+        "--max_length", "200",
+        "--gradient_checkpointing", "true",
+        "--dry_run", "true",
+        "--output_dir", out,
+    ]
+    result = subprocess.run(
+        [sys.executable, "train.py", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["config.yaml", "freeze_table.txt", "memory_plan.txt"]  # no delta
+
+    # What it printed is the freeze table, then the plan of this model for batch 3 x 200 tokens
+    # with checkpointing on: the same text the function gives in this process.
+    model_args, _, _ = parse_config(argv)
+    model = build_model(model_args)
+    apply_freeze_policy(model, model_args)
+    expected = format_plan(plan_memory(model, 3, 200, gradient_checkpointing=True))
+    with open(os.path.join(out, "freeze_table.txt")) as f:
+        table = f.read()
+    assert table + expected + "\n" in result.stdout
+    assert "batch 3 x 200 tokens (64 image + 136 text)" in expected
+    assert "gradient checkpointing on" in expected
+    with open(os.path.join(out, "memory_plan.txt")) as f:
+        assert f.read() == expected + "\n"
+
+
+# --- the exact parts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["connector_only", "full_vit_llm", "lora_both", "qlora_nf4", "lora_8bit"])
+def test_gradients_and_adamw_states_count_trainable_parameters_only(recipe, tiny_base):
+    model = built(tiny_base, **RECIPES[recipe][0])
+    plan = plan_memory(model, 2, 128, gradient_checkpointing=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.gradients == 4 * trainable  # trainable tensors are fp32
+    assert plan.optimizer == 2 * 4 * trainable
+    assert plan.total == plan.weights_total + plan.gradients + plan.optimizer + plan.activations
+
+
+def test_4bit_weights_count_half_a_byte_plus_quant_state(tiny_base):
+    fp32 = plan_memory(built(tiny_base), 2, 128, False).weights
+    nf4_model = built(tiny_base, bits=4)
+    nf4 = plan_memory(nf4_model, 2, 128, False).weights
+    logical = sum(m.in_features * m.out_features for m in nf4_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert logical == 2 * (4 * 128 * 128 + 3 * 128 * 256)  # every decoder linear, two layers
+    # Packed: half a byte each; double-quantized absmax: a byte per 64 values, plus small tables.
+    assert logical / 2 < nf4["nf4 4-bit"] < logical / 2 * 1.1
+    # What left fp32 is exactly those weights.
+    assert fp32["float32"] - nf4["float32"] == 4 * logical
+
+    int8_model = built(tiny_base, bits=8)
+    int8 = plan_memory(int8_model, 2, 128, False).weights
+    rows = sum(m.out_features for m in int8_model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    assert int8["int8"] == logical + 4 * rows  # a byte each, an fp32 scale per row
+
+
+def test_image_tokens_must_fit_the_sequence(tiny_base):
+    model = built(tiny_base)
+    with pytest.raises(ValueError, match="max_length"):
+        plan_memory(model, 2, model.num_image_tokens, gradient_checkpointing=False)
+
+
+# --- activations against what autograd keeps --------------------------------------------------------
+
+
+def saved_by_autograd(model, batch) -> int:
+    """Bytes of every distinct tensor autograd saves for backward in one forward, parameters
+    excluded. Without checkpointing this is all an activation costs until backward starts."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "connector_only", "full_llm", "full_vit_llm", "lora_llm", "lora_vit_only", "lora_both",
+        "lora_freeze_qformer", "freeze_lora_stage", "resampler_lora", "regex_lora_layer1",
+        "qlora_nf4", "lora_8bit",
+    ],
+)
+def test_saved_activations_match_autograd(recipe, tiny_base):
+    model = built(tiny_base, **RECIPES[recipe][0])
+    for batch_size, text in ((4, 32), (1, 128)):
+        batch = fixed_batch(model, batch_size=batch_size, text_tokens=text - 2)
+        if batch_size > 1:  # padded, as the collator pads
+            batch["attention_mask"][0, -3:] = 0
+        seq_len = batch["input_ids"].shape[1]
+        plan = plan_memory(model, batch_size, seq_len, gradient_checkpointing=False)
+        measured = saved_by_autograd(model, batch)
+        assert plan.saved_no_ckpt == pytest.approx(measured, rel=0.10), (batch_size, plan.saved_no_ckpt, measured)
+
+
+def test_checkpointing_and_freezing_lower_the_plan(tiny_base):
+    plans = {
+        name: plan_memory(built(tiny_base, **RECIPES[name][0]), 8, 256, gradient_checkpointing=False)
+        for name in ("connector_only", "full_llm", "full_vit_llm", "lora_llm")
+    }
+    for plan in plans.values():
+        assert plan.activations_ckpt < plan.activations_no_ckpt
+    # A frozen tower runs under no_grad: only its transient forward is counted, and it keeps
+    # nothing; a training tower adds what its blocks keep.
+    assert plans["full_llm"].frozen_tower_forward > 0 and plans["full_vit_llm"].frozen_tower_forward == 0
+    assert plans["full_vit_llm"].activations_no_ckpt > plans["full_llm"].activations_no_ckpt
+    assert plans["connector_only"].activations_no_ckpt < plans["lora_llm"].activations_no_ckpt
+    # More image tokens, more activations: they are part of the sequence.
+    model = built(tiny_base)
+    short = plan_memory(model, 8, model.num_image_tokens + 16, False)
+    long = plan_memory(model, 8, 2 * model.num_image_tokens + 16, False)
+    assert long.activations_no_ckpt > short.activations_no_ckpt
+
+
+# --- the whole plan against a measured peak ------------------------------------------------------
+
+
+def test_plan_matches_measured_peak_rss(tiny_base):
+    """Real VLMTrainer steps for three recipes, each in its own subprocess
+    (scripts/bench_memory.py's child; run side by side): peak RSS minus the RSS after imports,
+    build and a one-sample warm-up, against gradients + AdamW states + activations of the plan.
+    Batch 8 x 320 tokens: 50-60 MiB planned, well above the ~1 MiB of noise in RSS."""
+    runs = ["connector_only", "lora_llm:ckpt", "qlora_nf4:ckpt"]
+    env = {**os.environ, **CHILD_ENV, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    base_dir = os.path.dirname(tiny_base["llm"])
+    children = [
+        subprocess.Popen(
+            child_command(base_dir, run, batch_size=8, seq_len=320, steps=2),
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for run in runs
+    ]
+    for run, process in zip(runs, children, strict=True):
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        figures = json.loads(stdout.strip().splitlines()[-1])
+        assert (figures["recipe"], figures["checkpointing"]) == (run.split(":")[0], run.endswith(":ckpt"))
+        assert figures["planned"] > 30 * 2**20
+        assert figures["planned"] == pytest.approx(figures["measured"], rel=0.15), figures
