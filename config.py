@@ -158,6 +158,23 @@ class DataArguments:
         default=None,
         metadata={"help": "A .jinja file that replaces the tokenizer's chat template."},
     )
+    validate_data: bool = field(
+        default=True,
+        metadata={"help": "Check every record and image before step 1 (cached by file hash)."},
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on the good records instead of refusing to start; the skipped "
+            "ones go to OUTPUT_DIR/skipped_records.jsonl."
+        },
+    )
+    num_frames: int = field(
+        default=8, metadata={"help": "Frames sampled uniformly from each video (a folder of frames)."}
+    )
+    data_check_cache: str | None = field(
+        default=None, metadata={"help": "Cache of data checks; default ~/.cache/vlm-finetune/data-check."}
+    )
     make_demo_data_if_missing: bool = field(
         default=False, metadata={"help": "Demo only: generate the synthetic shapes set if absent."}
     )

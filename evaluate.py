@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from data.dataset import image_paths, load_image
-from data.prompt import llava_to_messages, tokenize_prompt
+from data.dataset import load_image, record_messages
+from data.prompt import tokenize_prompt
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +45,12 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def first_question(record: dict, image_folder: str | None) -> tuple[list[dict], list, str | None]:
-    """(messages up to the first answer, images, expected answer) of a LLaVA record."""
-    messages = llava_to_messages(record["conversations"])
+def first_question(record: dict, image_folder: str | None, num_frames: int = 8) -> tuple[list[dict], list, str | None]:
+    """(messages up to the first answer, images or video frames, expected answer) of a record."""
+    messages, paths = record_messages(record, image_folder, num_frames)
+    images = [load_image(p) for p in paths]
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     expected = messages[first_answer]["content"] if first_answer < len(messages) else None
-    images = [load_image(p) for p in image_paths(record, image_folder)]
     return messages[:first_answer], images, expected
 
 
@@ -58,12 +58,14 @@ def exact_match(prediction: str, answer: str | None) -> bool:
     return answer is not None and prediction.strip().lower() == answer.strip().lower()
 
 
-def predict_records(model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=32):
+def predict_records(
+    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=32, num_frames=8
+):
     """One {"id", "prediction", "answer"} per record, answering its first human turn."""
     results = []
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        questions = [first_question(r, image_folder) for r in batch]
+        questions = [first_question(r, image_folder, num_frames) for r in batch]
         answers = generate_answers(
             model, tokenizer, image_processor, [(m, imgs) for m, imgs, _ in questions], max_new_tokens
         )

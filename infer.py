@@ -1,6 +1,8 @@
 """Answer questions with a trained checkpoint: base + delta, loaded by the one strict loader.
 
     python infer.py --checkpoint outputs/demo --image photo.png --prompt "What color are the shapes?"
+    python infer.py --checkpoint outputs/demo --image a.png b.png --prompt "<image> vs <image>: which is red?"
+    python infer.py --checkpoint outputs/demo --video frames/ --num_frames 8 --prompt "What happens?"
     python infer.py --checkpoint outputs/demo --data eval.json --image_folder DIR --output preds.jsonl
 
 The checkpoint folder alone says which base to load (its manifest); `--base_vision` /
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from data.dataset import load_image, read_records
+from data.dataset import load_image, read_records, video_frame_paths
+from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
 from evaluate import accuracy, generate_answers, predict_records
 from model.checkpoint import load_checkpoint
 
@@ -22,7 +25,11 @@ from model.checkpoint import load_checkpoint
 @dataclass
 class InferArguments:
     checkpoint: str = field(metadata={"help": "A checkpoint folder written by train.py."})
-    image: list[str] | None = field(default=None, metadata={"help": "Image file(s) for --prompt."})
+    image: list[str] | None = field(
+        default=None, metadata={"help": "Image file(s) for --prompt, in the order of its <image> markers."}
+    )
+    video: str | None = field(default=None, metadata={"help": "A folder of frame images for --prompt."})
+    num_frames: int = field(default=8, metadata={"help": "Frames sampled from a video."})
     prompt: str | None = field(default=None, metadata={"help": "The question."})
     data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl to answer."})
     image_folder: str | None = field(default=None)
@@ -38,19 +45,32 @@ class InferArguments:
 def main(argv=None):
     (args,) = HfArgumentParser(InferArguments, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
     if (args.prompt is None) == (args.data is None):
-        raise SystemExit("Give either --prompt (with --image) or --data, not both.")
+        raise SystemExit("Give either --prompt (with --image or --video) or --data, not both.")
+    if args.image and args.video:
+        raise SystemExit("Give --image or --video, not both.")
     model, tokenizer, image_processor, _ = load_checkpoint(
         args.checkpoint, args.base_vision, args.base_llm, args.allow_base_mismatch, bits=args.bits
     )
     if args.prompt is not None:
-        images = [load_image(path) for path in args.image or []]
-        markers = "".join("<image>\n" for _ in images) if "<image>" not in args.prompt else ""
-        messages = [{"role": "user", "content": markers + args.prompt}]
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.video:
+            frames = video_frame_paths(args.video, args.num_frames)
+            images, messages = [load_image(p) for p in frames], expand_video_marker(messages, len(frames))
+        else:
+            images = [load_image(path) for path in args.image or []]
+            messages = add_image_markers(messages, len(images))
+        markers = messages[0]["content"].count(IMAGE_MARKER)
+        if markers != len(images):
+            raise SystemExit(
+                f"--prompt has {markers} {IMAGE_MARKER} markers for {len(images)} images: give one per "
+                "image (in --image order), or none and they all go before the question."
+            )
         (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], args.max_new_tokens)
         print(answer)
         return
     results = predict_records(
-        model, tokenizer, image_processor, read_records(args.data), args.image_folder, args.batch_size, args.max_new_tokens
+        model, tokenizer, image_processor, read_records(args.data), args.image_folder, args.batch_size,
+        args.max_new_tokens, args.num_frames,
     )
     if args.output:
         with open(args.output, "w") as f:

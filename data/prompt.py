@@ -7,8 +7,10 @@ ways. Conversations are lists of {"role": "user" | "assistant" | "system", "cont
 from __future__ import annotations
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"  # a video's sampled frames, one <image> each, in time order
 IGNORE_INDEX = -100
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# LLaVA's speaker names, and the chat names some converted sets use instead.
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 class TemplateMismatch(ValueError):
@@ -20,9 +22,59 @@ class SampleTooLong(ValueError):
     """The sample does not fit `max_length` without cutting image tokens or every label."""
 
 
-def llava_to_messages(conversations: list[dict]) -> list[dict]:
-    """LLaVA's [{"from": "human" | "gpt", "value": ...}] -> chat messages."""
-    return [{"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
+# More samples than this without a single supervised token is a template problem, not data.
+MAX_FULLY_MASKED_SHARE = 0.5
+
+
+def check_fully_masked_share(num_fully_masked: int, num_samples: int) -> None:
+    """LLaVA's "tokenization mismatch" trains at loss 0 on every label masked; here a data set
+    where most samples would learn nothing is refused before step 1."""
+    if num_samples and num_fully_masked / num_samples > MAX_FULLY_MASKED_SHARE:
+        raise TemplateMismatch(
+            f"{num_fully_masked} of {num_samples} samples have no supervised token (every label "
+            "-100): the chat template renders no assistant text where the prompt builder looks "
+            "for it, so training would run at loss 0. Check the tokenizer's chat template or "
+            "--chat_template: it must render each assistant turn's content after the generation "
+            "prompt (add_generation_prompt=True)."
+        )
+
+
+def _prepend_to_first_user_turn(messages: list[dict], text: str) -> list[dict]:
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        return messages
+    messages = [dict(m) for m in messages]
+    messages[first_user]["content"] = text + messages[first_user]["content"]
+    return messages
+
+
+def add_image_markers(messages: list[dict], num_images: int) -> list[dict]:
+    """The rule for images given without any `<image>` marker (as LLaVA does): one `<image>\n`
+    per image goes before the first user turn's text. Training, inference and evaluation all
+    come through here, so such a record is read the same way everywhere. A record that has
+    markers, but not one per image, is not guessed at: validation reports it."""
+    if num_images == 0 or any(IMAGE_MARKER in m["content"] for m in messages):
+        return messages
+    return _prepend_to_first_user_turn(messages, (IMAGE_MARKER + "\n") * num_images)
+
+
+def expand_video_marker(messages: list[dict], num_frames: int) -> list[dict]:
+    """`<video>` -> one `<image>` per sampled frame; with no `<video>` marker, `<video>\n` goes
+    before the first user turn's text (the image rule, for a video)."""
+    if not any(VIDEO_MARKER in m["content"] for m in messages):
+        messages = _prepend_to_first_user_turn(messages, VIDEO_MARKER + "\n")
+    frames = IMAGE_MARKER * num_frames
+    return [{**m, "content": m["content"].replace(VIDEO_MARKER, frames)} for m in messages]
+
+
+def llava_to_messages(conversations: list[dict], num_images: int = 0, num_frames: int = 0) -> list[dict]:
+    """LLaVA's [{"from": "human" | "gpt", "value": ...}] -> chat messages. A record's images
+    without markers get them (`add_image_markers`); a video record's `<video>` becomes its
+    `num_frames` frames (`expand_video_marker`)."""
+    messages = [{"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
+    if num_frames:
+        return expand_video_marker(messages, num_frames)
+    return add_image_markers(messages, num_images)
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:

@@ -1,0 +1,405 @@
+"""Every record checked before step 1, so no run dies at step 40,000 on one corrupt JPEG or
+trains silently on empty labels.
+
+    python scripts/check_data.py --data_path train.jsonl --image_folder images/   # the same pass
+
+`validate_data_file` reads, checks and tokenizes every record and opens every image once;
+`check_training_data` is what train.py runs: cached by the data file's hash (a 600K-record
+file is checked once), it refuses to start on any bad record unless `--skip_bad_samples true`,
+which trains on the rest and lists the skipped records in OUTPUT_DIR/skipped_records.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from data.dataset import ImageError, image_too_large, load_image, resolve_image_path, video_frame_paths
+from data.prompt import (
+    IGNORE_INDEX,
+    IMAGE_MARKER,
+    LLAVA_ROLES,
+    MAX_FULLY_MASKED_SHARE,
+    VIDEO_MARKER,
+    SampleTooLong,
+    TemplateMismatch,
+    check_fully_masked_share,
+    llava_to_messages,
+    tokenize_conversation,
+)
+from data.records import DataError, iter_records
+
+VERSION = 1  # part of the cache key: a change of the checks re-checks every file
+
+# What each kind of problem does: "fatal" stops training whatever the flags (the file or the
+# template is wrong, not a record); "error" stops it unless --skip_bad_samples; "dropped" is
+# always left out and counted (too long); "warning" is reported and trained on.
+SEVERITY = {
+    "unreadable_file": "fatal",
+    "template": "fatal",
+    "malformed_json": "error",
+    "not_a_record": "error",
+    "non_utf8": "error",
+    "bad_record": "error",
+    "roles": "error",
+    "ends_on_human": "error",
+    "empty_answer": "error",
+    "image_marker": "error",
+    "image_path": "error",
+    "missing_image": "error",
+    "bad_video": "error",
+    "empty_image": "error",
+    "corrupt_image": "error",
+    "huge_image": "error",
+    "no_labels": "error",
+    "too_long": "dropped",
+    "duplicate_id": "warning",
+}
+
+
+@dataclass
+class Problem:
+    position: int | None  # the record's position in the file; None: the file as a whole
+    location: str  # "line 12" (JSONL) / "index 3" (JSON) / "file"
+    record_id: str | None
+    kind: str  # a key of SEVERITY
+    reason: str
+
+    @property
+    def severity(self) -> str:
+        return SEVERITY[self.kind]
+
+    def __str__(self) -> str:
+        record = f" (id {self.record_id})" if self.record_id is not None else ""
+        return f"{self.location}{record}: {self.reason}"
+
+
+@dataclass
+class Report:
+    data_path: str
+    num_records: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def of(self, *severities: str) -> list[Problem]:
+        return [p for p in self.problems if p.severity in severities]
+
+    @property
+    def refuses_training(self) -> bool:
+        """True when training does not start by default (the exit status of check_data.py)."""
+        return bool(self.of("fatal", "error"))
+
+    def skip_positions(self) -> set[int]:
+        """Records left out of training: the bad ones (under --skip_bad_samples) and too long."""
+        return {p.position for p in self.of("error", "dropped") if p.position is not None}
+
+    def summary(self) -> str:
+        bad = {p.position for p in self.of("error")}
+        dropped = {p.position for p in self.of("dropped")} - bad
+        kinds = Counter(p.kind for p in self.problems)
+        lines = [
+            f"{self.data_path}: {self.num_records} records, {len(bad)} bad, "
+            f"{len(dropped)} too long (dropped), {len(self.of('warning'))} warnings."
+        ]
+        lines += [f"  {kind}: {count} ({SEVERITY[kind]})" for kind, count in sorted(kinds.items())]
+        lines += [f"  {p}" for p in self.of("fatal")]
+        return "\n".join(lines)
+
+    def refusal(self, limit: int = 20) -> str:
+        """The error train.py stops with: the first problems, and the two ways forward."""
+        fatal, errors = self.of("fatal"), self.of("error")
+        shown = (fatal + errors)[:limit]
+        lines = [f"{self.data_path}: training does not start, the data has problems:"]
+        lines += [f"  {p}" for p in shown]
+        if len(fatal) + len(errors) > len(shown):
+            lines.append(f"  ... {len(fatal) + len(errors) - len(shown)} more")
+        lines.append("List them all with: python scripts/check_data.py --data_path ... --image_folder ...")
+        if fatal:
+            lines.append("Fix the file or the chat template first: these are not about single records.")
+        else:
+            num_bad = len({p.position for p in errors})
+            lines.append(
+                f"Fix those records, or pass --skip_bad_samples true to train on the other "
+                f"{self.num_records - num_bad} (the skipped ones go to OUTPUT_DIR/skipped_records.jsonl)."
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"data_path": self.data_path, "num_records": self.num_records,
+                "problems": [dataclasses.asdict(p) for p in self.problems]}
+
+    @classmethod
+    def from_json(cls, blob: dict) -> Report:
+        return cls(blob["data_path"], blob["num_records"], [Problem(**p) for p in blob["problems"]])
+
+
+# --- one record -------------------------------------------------------------------------------
+
+
+def check_conversation(conversations, num_images: int, video: bool = False) -> list[tuple[str, str]]:
+    """(kind, reason) for each structural problem of a LLaVA conversation with `num_images`
+    images (or a video). No marker at all is not one: `llava_to_messages` adds it."""
+    if not isinstance(conversations, list) or not conversations:
+        return [("bad_record", "no 'conversations' list of turns")]
+    for k, turn in enumerate(conversations):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            return [("bad_record", f"turn {k} is not {{'from': str, 'value': str}}")]
+        if turn["from"] not in LLAVA_ROLES:
+            return [("roles", f"turn {k}: unknown role {turn['from']!r} (known: human, gpt, system)")]
+    problems = []
+    roles = [LLAVA_ROLES[turn["from"]] for turn in conversations]
+    start = 1 if roles[0] == "system" else 0
+    for k in range(start, len(roles)):
+        expected = "user" if (k - start) % 2 == 0 else "assistant"
+        if roles[k] != expected:
+            problems.append((
+                "roles",
+                f"turn {k} is {conversations[k]['from']!r} where a "
+                f"{'human' if expected == 'user' else 'gpt'} turn belongs: after an optional system "
+                "turn, turns alternate human, gpt, human, gpt, ...",
+            ))
+            break
+    if roles[-1] != "assistant" and not problems:
+        problems.append(("ends_on_human", "the conversation ends without an answer (last turn is not gpt): "
+                                          "nothing would learn from that turn; drop it or add the answer"))
+    for k, (role, turn) in enumerate(zip(roles, conversations, strict=True)):
+        if role == "assistant" and not turn["value"].strip():
+            problems.append(("empty_answer", f"turn {k}: empty or whitespace-only gpt answer"))
+        if role == "assistant" and (IMAGE_MARKER in turn["value"] or VIDEO_MARKER in turn["value"]):
+            problems.append(("image_marker", f"turn {k}: {IMAGE_MARKER} or {VIDEO_MARKER} in a gpt answer"))
+    questions = [t["value"] for r, t in zip(roles, conversations, strict=True) if r != "assistant"]
+    markers = sum(q.count(IMAGE_MARKER) for q in questions)
+    video_markers = sum(q.count(VIDEO_MARKER) for q in questions)
+    if video and (markers or video_markers > 1):
+        problems.append(("image_marker", f"a video record takes one {VIDEO_MARKER} marker (or none) and no "
+                                         f"{IMAGE_MARKER}; it has {video_markers} and {markers}"))
+    elif not video and video_markers:
+        problems.append(("image_marker", f"{VIDEO_MARKER} marker in a record without a 'video'"))
+    elif markers and markers != num_images:
+        problems.append((
+            "image_marker",
+            f"{markers} {IMAGE_MARKER} markers for {num_images} images: give one marker per image "
+            f"(or none at all, and one '{IMAGE_MARKER}\\n' per image goes before the first question)",
+        ))
+    return problems
+
+
+def _image_names(record: dict) -> tuple[list[str], str | None]:
+    images, video = record.get("image"), record.get("video")
+    if video is not None and not (isinstance(video, str) and images is None):
+        return [], "'video' must be one folder name, in a record without 'image'"
+    if images is None:
+        return [], None
+    if isinstance(images, str):
+        return [images], None
+    if isinstance(images, list) and all(isinstance(i, str) for i in images):
+        return images, None
+    return [], f"'image' must be a file name or a list of them, not {images!r}"
+
+
+def check_image(path: str) -> tuple[str, str] | None:
+    """(kind, reason) when the image at `path` cannot be trained on; it is opened, verified
+    and fully decoded exactly as training decodes it (`load_image`)."""
+    if not os.path.isfile(path):
+        return "missing_image", f"missing image file {path}"
+    if os.path.getsize(path) == 0:
+        return "empty_image", f"zero-byte image file {path}"
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checksums of PNG chunks; says little about JPEG, hence the load
+        load_image(path)
+    except ImageError as e:
+        return "huge_image", str(e)
+    except Image.DecompressionBombError as e:  # raised by Image.open itself above 2x the limit
+        return "huge_image", str(image_too_large(path, e))
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return "corrupt_image", f"corrupt or truncated image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+# --- the whole file ---------------------------------------------------------------------------
+
+
+def validate_data_file(
+    data_path: str,
+    tokenizer,
+    num_image_tokens: int,
+    image_token_index: int,
+    max_length: int,
+    image_folder: str | None,
+    num_workers: int = 4,
+    num_frames: int = 8,
+) -> Report:
+    """Reads, checks and tokenizes every record and decodes every image (once, `num_workers`
+    threads). The report lists each problem with the record's position, line or index and id."""
+    report = Report(data_path)
+    try:
+        raws = list(iter_records(data_path))
+    except DataError as e:
+        report.problems.append(Problem(None, "file", None, "unreadable_file", str(e)))
+        return report
+    report.num_records = len(raws)
+    first_seen: dict[str, str] = {}
+    images_of: dict[str, list] = {}  # path -> records using it
+    template_error = None
+    num_tokenized = num_fully_masked = 0
+
+    def add(raw, kind, reason):
+        report.problems.append(Problem(raw.position, raw.location, raw.record_id, kind, reason))
+
+    for raw in raws:
+        if raw.error is not None:
+            add(raw, raw.error_kind, raw.error)
+            continue
+        record_id = raw.record_id
+        if record_id is not None:
+            if record_id in first_seen:
+                add(raw, "duplicate_id", f"duplicate id, first at {first_seen[record_id]}")
+            else:
+                first_seen[record_id] = raw.location
+        names, image_error = _image_names(raw.record)
+        video = raw.record.get("video") if not image_error else None
+        problems = [("bad_record", image_error)] if image_error else []
+        problems += check_conversation(raw.record.get("conversations"), len(names), video is not None)
+        paths, num_video_frames = [], 0
+        try:
+            paths = [resolve_image_path(image_folder, name) for name in names + ([video] if video is not None else [])]
+        except ImageError as e:
+            problems.append(("image_path", str(e)))
+        if video is not None and paths:
+            try:
+                paths = video_frame_paths(paths[0], num_frames)
+                num_video_frames = len(paths)
+            except ImageError as e:
+                problems.append(("bad_video", str(e)))
+                paths = []
+        for path in paths:
+            images_of.setdefault(path, []).append(raw)
+        for kind, reason in problems:
+            add(raw, kind, reason)
+        if problems or template_error:
+            continue
+        messages = llava_to_messages(raw.record["conversations"], len(paths), num_video_frames)
+        try:
+            _, labels = tokenize_conversation(tokenizer, messages, num_image_tokens, image_token_index, max_length)
+        except SampleTooLong as e:
+            add(raw, "too_long", f"too long: {e} Dropped: cutting would lose image tokens or every answer.")
+            continue
+        except TemplateMismatch as e:
+            template_error = Problem(None, "file", None, "template", f"{e} (first seen at {raw.location})")
+            continue
+        num_tokenized += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            num_fully_masked += 1
+            add(raw, "no_labels", "no supervised token: the chat template renders no answer text")
+
+    if template_error:
+        report.problems.append(template_error)
+    try:
+        check_fully_masked_share(num_fully_masked, num_tokenized)
+    except TemplateMismatch as e:
+        report.problems.append(Problem(None, "file", None, "template", str(e)))
+
+    paths = sorted(images_of)
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for path, result in zip(paths, pool.map(check_image, paths), strict=True):
+            if result is not None:
+                for raw in images_of[path]:
+                    add(raw, *result)
+    report.problems.sort(key=lambda p: (p.position is not None, p.position or 0))
+    return report
+
+
+# --- what train.py runs -----------------------------------------------------------------------
+
+
+def default_cache_dir() -> str:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "vlm-finetune", "data-check")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(data_path: str, tokenizer, num_image_tokens, image_token_index, max_length, image_folder,
+              num_frames) -> str:
+    """sha256 of the data file and of every setting the checks depend on. (Images edited in
+    place after a check are not seen: delete the cache folder to check again.)"""
+    settings = {
+        "version": VERSION,
+        "data": _file_sha256(data_path),
+        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
+        "image_tokens": [num_image_tokens, image_token_index],
+        "max_length": max_length,
+        "num_frames": num_frames,
+        "image_folder": os.path.abspath(image_folder or "."),
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+        "max_fully_masked_share": MAX_FULLY_MASKED_SHARE,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def validate_cached(data_path, tokenizer, num_image_tokens, image_token_index, max_length, image_folder,
+                    cache_dir: str | None = None, num_frames: int = 8) -> Report:
+    """`validate_data_file`, or its stored report when this file was checked with the same
+    settings before."""
+    settings = (tokenizer, num_image_tokens, image_token_index, max_length, image_folder)
+    if not os.path.isfile(data_path):
+        return validate_data_file(data_path, *settings, num_frames=num_frames)
+    key = cache_key(data_path, *settings, num_frames)
+    cache_file = os.path.join(cache_dir or default_cache_dir(), key + ".json")
+    if os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            return Report.from_json(json.load(f))
+    report = validate_data_file(data_path, *settings, num_frames=num_frames)
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    with open(cache_file + ".tmp", "w") as f:
+        json.dump(report.to_json(), f)
+    os.replace(cache_file + ".tmp", cache_file)  # atomic: another rank never reads half a file
+    return report
+
+
+def write_skipped(path: str, problems: list[Problem]) -> None:
+    """One line per skipped record: {"position", "location", "id", "reasons"}."""
+    by_record: dict[int, dict] = {}
+    for p in problems:
+        row = by_record.setdefault(
+            p.position, {"position": p.position, "location": p.location, "id": p.record_id, "reasons": []}
+        )
+        row["reasons"].append(f"{p.kind}: {p.reason}")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for _, row in sorted(by_record.items()))
+
+
+def check_training_data(data_args, tokenizer, num_image_tokens, image_token_index, output_dir=None) -> set[int]:
+    """The check train.py runs before step 1 (`--validate_data true`, the default). Returns the
+    positions of the records to leave out; raises `DataError` when training must not start.
+    `output_dir`: where skipped_records.jsonl goes (None on ranks that do not save)."""
+    if not data_args.validate_data:
+        return set()
+    report = validate_cached(
+        data_args.data_path, tokenizer, num_image_tokens, image_token_index, data_args.max_length,
+        data_args.image_folder, data_args.data_check_cache, data_args.num_frames,
+    )
+    print(report.summary())
+    for problem in report.of("warning")[:10]:
+        print(f"  warning: {problem}")
+    if report.of("fatal") or (report.of("error") and not data_args.skip_bad_samples):
+        raise DataError(report.refusal())
+    skipped = report.of("error", "dropped")
+    if output_dir and skipped:
+        os.makedirs(output_dir, exist_ok=True)
+        write_skipped(os.path.join(output_dir, "skipped_records.jsonl"), skipped)
+        print(f"Skipping {len(report.skip_positions())} records: {output_dir}/skipped_records.jsonl lists them.")
+    return report.skip_positions()

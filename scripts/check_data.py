@@ -1,0 +1,64 @@
+"""Check a LLaVA .json/.jsonl file before training: the same pass train.py runs (uncached here).
+Prints every problem (position, line or index, id, reason) and a summary; exits 1 when
+training would refuse to start (a bad record, an unreadable file, a template that masks every
+label), 0 otherwise (too-long records are dropped, duplicate ids only warned).
+
+    python scripts/check_data.py --data_path train.jsonl --image_folder images/ \
+        --llm_model lmsys/vicuna-7b-v1.5 --vision_model openai/clip-vit-large-patch14-336 \
+        --chat_template configs/chat_templates/vicuna_v1.jinja --max_length 2048
+
+The tokenizer and image-token count come from the two bases (the tower is built on the meta
+device: no weights are read), exactly as train.py would use them.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, HfArgumentParser
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import DataArguments, ModelArguments  # noqa: E402
+from data.validate import validate_data_file  # noqa: E402
+from model.build import load_processors  # noqa: E402
+from model.connectors import build_connector, num_output_tokens  # noqa: E402
+from model.vision import VisionTower  # noqa: E402
+from model.vlm import IMAGE_TOKEN_INDEX  # noqa: E402
+
+
+@dataclass
+class CheckArguments:
+    num_workers: int = field(default=4, metadata={"help": "Threads decoding images."})
+
+
+def num_image_tokens(args: ModelArguments) -> int:
+    """Image tokens per image of the model these arguments build, without reading weights."""
+    config = AutoConfig.from_pretrained(args.vision_model, revision=args.vision_revision)
+    vision_config = getattr(config, "vision_config", config)
+    with torch.device("meta"):
+        encoder = MODEL_MAPPING[type(vision_config)]._from_config(vision_config)
+        tower = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
+        connector = build_connector(args.connector, tower.hidden_size, 8, tower.num_tokens, args)
+    return num_output_tokens(connector, tower.num_tokens)
+
+
+def main(argv=None) -> int:
+    parser = HfArgumentParser((ModelArguments, DataArguments, CheckArguments), allow_abbrev=False)
+    model_args, data_args, check_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.data_path is None:
+        parser.error("--data_path is required")
+    tokenizer, _ = load_processors(model_args, data_args.chat_template)
+    report = validate_data_file(
+        data_args.data_path, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX,
+        data_args.max_length, data_args.image_folder, check_args.num_workers, data_args.num_frames,
+    )
+    for problem in report.problems:
+        print(f"{problem.severity}: {problem.kind}: {problem}")
+    print(report.summary())
+    return 1 if report.refuses_training else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
