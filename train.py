@@ -17,10 +17,12 @@ from transformers import set_seed
 from config import parse_config, save_resolved_config
 from data.dataset import Collator, SupervisedDataset, read_records
 from data.synthetic import make_demo_dataset, vocabulary
+from data.validate import check_training_data
 from evaluate import accuracy, predict_records
 from model.build import build_model, load_processors
 from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
 from model.freeze import apply_freeze_policy, format_table
+from model.memory import format_plan, plan_memory
 from model.tiny_base import make_tiny_base
 from model.trainer import VLMTrainer
 
@@ -44,6 +46,15 @@ def init_from_parent(model, parent_dir: str) -> None:
     model.inherited_delta = apply_delta(model, parent_dir, manifest, new_adapters_ok=True)
 
 
+def report(train_args, filename: str, text: str) -> None:
+    """Print on rank 0, and keep a copy in output_dir."""
+    if train_args.should_log:
+        print(text)
+    if train_args.should_save:
+        with open(os.path.join(train_args.output_dir, filename), "w") as f:
+            f.write(text + "\n")
+
+
 def resolve_resume(train_args) -> str | None:
     resume = train_args.resume_from_checkpoint
     if resume in (None, "", "false", "False"):
@@ -63,16 +74,24 @@ def main(argv=None):
     model = build_model(model_args)
     if train_args.init_from:
         init_from_parent(model, train_args.init_from)
-    table = format_table(apply_freeze_policy(model, model_args))
-    if train_args.should_log:
-        print(table)
-    if train_args.should_save:
-        with open(os.path.join(train_args.output_dir, "freeze_table.txt"), "w") as f:
-            f.write(table + "\n")
+    report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:
+        # max_length counts image tokens; the plan assumes every batch is padded to it.
+        plan = plan_memory(
+            model,
+            train_args.per_device_train_batch_size,
+            data_args.max_length,
+            gradient_checkpointing=bool(train_args.activation_checkpointing),
+        )
+        report(train_args, "memory_plan.txt", format_plan(plan))
         return
 
     tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+    with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
+        skip = check_training_data(
+            data_args, tokenizer, model.num_image_tokens, model.image_token_index,
+            train_args.output_dir if train_args.should_save else None,
+        )
     train_dataset = SupervisedDataset(
         data_args.data_path,
         data_args.image_folder,
@@ -81,6 +100,8 @@ def main(argv=None):
         model.num_image_tokens,
         model.image_token_index,
         data_args.max_length,
+        skip=skip,
+        num_frames=data_args.num_frames,
     )
     trainer = VLMTrainer(
         model=model,
@@ -96,7 +117,8 @@ def main(argv=None):
     if data_args.eval_data_path and train_args.should_save:
         model.eval()
         results = predict_records(
-            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.image_folder
+            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.image_folder,
+            num_frames=data_args.num_frames,
         )
         with open(os.path.join(train_args.output_dir, "eval_predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

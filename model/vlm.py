@@ -70,7 +70,12 @@ class VisionLanguageModel(nn.Module):
         makes the Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is not None and not (labels[:, 1:] != -100).any():
+            # Every label masked (after the shift): the LLM's loss is 0/0 = NaN, which would
+            # poison the weights. A zero that keeps the graph (every rank still syncs) instead.
+            out.loss = out.logits.sum() * 0.0
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, **generate_kwargs):

@@ -276,3 +276,16 @@ def test_logits_match_transformers_llava(clip_mlp_model, tiny_base):
     with torch.no_grad():
         other = llava(input_ids=theirs, attention_mask=attention_mask, pixel_values=random_pixels(2, 11)).logits
     assert (other - llava_logits).abs().max() > 1e-3
+
+
+def test_an_all_masked_batch_gives_zero_loss_not_nan(model_args):
+    model = build_model(model_args(freeze_llm=False))
+    input_ids = torch.randint(0, 100, (2, 10))
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 0] = input_ids[:, 0]  # nothing left to predict after the shift
+    for extra in ({}, {"num_items_in_batch": torch.tensor(0)}):
+        loss = model(input_ids=input_ids, labels=labels, **extra).loss
+        assert torch.isfinite(loss) and loss.item() == 0.0
+        loss.backward()
+    labels[:, 5] = input_ids[:, 5]
+    assert model(input_ids=input_ids, labels=labels).loss.item() > 0
