@@ -23,6 +23,18 @@ from data.synthetic import make_demo_dataset, vocabulary  # noqa: E402
 from model.tiny_base import make_tiny_base  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Matrices as small as the tiny base's run ~50x slower on 2 OpenMP threads when the cores
+    are shared (subprocess runs of train.py keep torch's default)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> dict:
     """{"vision": path, "llm": path}: tiny CLIP tower (48 px, patch 6) + tiny Llama, seed 0."""

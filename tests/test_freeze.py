@@ -191,14 +191,6 @@ def train_steps(model, trainer, batch, steps=STEPS) -> list[float]:
     return losses
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices this small run ~50x slower on 2 OpenMP threads when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("recipe", list(RECIPES))

@@ -24,13 +24,6 @@ from scripts.bench_memory import CHILD_ENV, child_command
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def built(tiny_base, **overrides):
     args = tiny_model_args(tiny_base, **overrides)
