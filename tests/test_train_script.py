@@ -139,3 +139,23 @@ def test_infer_answers_a_data_file(trained, demo_data, tmp_path):
     assert float(accuracy_lines[0].split()[1]) == pytest.approx(correct / len(rows), abs=1e-4)
     # The reloaded checkpoint answers exactly as the model did at the end of training.
     assert rows == read_jsonl(os.path.join(out, "eval_predictions.jsonl"))
+
+
+@pytest.mark.parametrize("report_to", ["wandb", "tensorboard"])
+def test_training_logs_to_wandb_offline_and_tensorboard(report_to, tiny_base, demo_data, tmp_path):
+    out = str(tmp_path / "run")
+    result = subprocess.run(
+        [sys.executable, "train.py", "configs/demo.yaml",
+         "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
+         "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
+         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"], "--eval_data_path", "",
+         "--output_dir", out, "--max_steps", "2", "--logging_steps", "1", "--report_to", report_to],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if report_to == "wandb":
+        runs = [p for p in (tmp_path / "wandb").glob("offline-run-*") if list(p.glob("*.wandb"))]
+        assert runs, "no offline wandb run was written"
+    else:
+        assert list((tmp_path / "run" / "runs").glob("*/events.out.tfevents.*"))
