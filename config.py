@@ -150,6 +150,11 @@ class DataArguments:
         default=None, metadata={"help": "LLaVA-format .json or .jsonl training file."}
     )
     image_folder: str | None = field(default=None, metadata={"help": "Root of image paths."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A messages-format dataset: hub id, save_to_disk folder, or .json/.jsonl/.parquet."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name."})
     eval_data_path: str | None = field(
         default=None, metadata={"help": "Held-out records: exact-match accuracy after training."}
     )
@@ -197,6 +202,12 @@ class TrainArguments(TrainingArguments):
     dry_run: bool = field(
         default=False, metadata={"help": "Print the freeze table and memory plan, then exit."}
     )
+    # Here, beside transformers' own train_sampling_strategy (group_by_length): it changes only
+    # the order the Trainer draws samples in, never what is read.
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "Batches of one modality (image or text-only) and similar length (LLaVA's)."},
+    )
     # The collator's batch keys are the model's inputs; the Trainer must not drop pixel_values.
     remove_unused_columns: bool = field(default=False)
     # Every trainable parameter gets a gradient on every rank (frozen ones are not registered,
@@ -209,6 +220,11 @@ class TrainArguments(TrainingArguments):
         if not torch.cuda.is_available() and not torch.backends.mps.is_available():
             self.use_cpu = True
         super().__post_init__()
+        if self.group_by_modality_length and self.train_sampling_strategy != "random":
+            raise ConfigError(
+                f"--group_by_modality_length true chooses the sampler, and so does --train_sampling_strategy "
+                f"{self.train_sampling_strategy}: keep one."
+            )
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)

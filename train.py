@@ -16,6 +16,8 @@ from transformers import set_seed
 
 from config import parse_config, save_resolved_config
 from data.dataset import Collator, SupervisedDataset, read_records
+from data.messages import use_messages_dataset
+from data.sampler import modality_length_sampler
 from data.synthetic import make_demo_dataset, vocabulary
 from data.validate import check_training_data
 from evaluate import accuracy, predict_records
@@ -88,6 +90,7 @@ def main(argv=None):
 
     tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
+        use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
         skip = check_training_data(
             data_args, tokenizer, model.num_image_tokens, model.image_token_index,
             train_args.output_dir if train_args.should_save else None,
@@ -96,7 +99,6 @@ def main(argv=None):
         data_args.data_path,
         data_args.image_folder,
         tokenizer,
-        image_processor,
         model.num_image_tokens,
         model.image_token_index,
         data_args.max_length,
@@ -107,9 +109,10 @@ def main(argv=None):
         model=model,
         args=train_args,
         train_dataset=train_dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, image_processor),
         processing_class=tokenizer,
         parent_checkpoint=train_args.init_from,
+        train_sampler=modality_length_sampler(train_dataset, train_args),
     )
     trainer.train(resume_from_checkpoint=resolve_resume(train_args))
     trainer.save_model(train_args.output_dir)

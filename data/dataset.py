@@ -1,4 +1,5 @@
-"""LLaVA-format records -> (input_ids, labels, pixel_values) examples, and the padding collator."""
+"""LLaVA-format records -> (input_ids, labels, images) examples, and the collator that pads them
+and turns a batch's images into pixel_values."""
 
 from __future__ import annotations
 
@@ -157,14 +158,13 @@ def image_too_large(path: str, error: Exception) -> ImageError:
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Tokenizes every record once up front (so over-long samples are dropped, and counted,
-    before step 1) and loads images lazily in `__getitem__`."""
+    before step 1) and loads images lazily in `__getitem__`; the Collator processes them."""
 
     def __init__(
         self,
         data_path: str,
         image_folder: str | None,
         tokenizer,
-        image_processor,
         num_image_tokens: int,
         image_token_index: int,
         max_length: int,
@@ -174,7 +174,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """`skip`: positions of records left out (the bad ones under --skip_bad_samples);
         `num_frames`: frames sampled from each video."""
         self.image_folder = image_folder
-        self.image_processor = image_processor
         self.num_frames = num_frames
 
         def tokenize(record):
@@ -212,24 +211,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.records["input_ids"]]
 
+    def multimodal(self) -> list[bool]:
+        """Per sample: does it show images (or video frames)?"""
+        return [bool(images) or bool(video) for images, video in zip(self.records["image"], self.records["video"],
+                                                                     strict=True)]
+
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         example = {
             "input_ids": torch.tensor(record["input_ids"]),
             "labels": torch.tensor(record["labels"]),
         }
-        images = [load_image(p) for p in media_paths(record, self.image_folder, self.num_frames)[0]]
-        if images:
-            example["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        example["images"] = [load_image(p) for p in media_paths(record, self.image_folder, self.num_frames)[0]]
         return example
 
 
 class Collator:
-    """Right-pads a list of examples; all their images go into one [N_images, 3, H, W] tensor in
-    example order, which is the order the model writes them into the image-token positions."""
+    """Right-pads a list of examples; all their images go through the image processor in one call
+    (twice the records/s of one call per record: its per-call overhead dominates on small
+    images) into one [N_images, 3, H, W] tensor in example order, which is the order the model
+    writes them into the image-token positions."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, image_processor):
         self.pad_token_id = pad_token_id
+        self.image_processor = image_processor
 
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
@@ -243,7 +248,7 @@ class Collator:
             labels[row, :n] = example["labels"]
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        pixel_values = [e["pixel_values"] for e in examples if "pixel_values" in e]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
+        images = [image for e in examples for image in e.get("images", [])]
+        if images:
+            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return batch

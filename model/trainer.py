@@ -11,14 +11,21 @@ from model.checkpoint import apply_delta, mark_complete, prune_checkpoints, read
 
 
 class VLMTrainer(Trainer):
-    """Four changes: the optimizer gets a learning rate per component and only trainable
+    """Five changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
     would write frozen base, LoRA and quantization state together); a `checkpoint-N` counts
-    only once all of it is written; resuming loads the delta back."""
+    only once all of it is written; resuming loads the delta back; a training sampler may be
+    handed in (the modality-grouped one lives in data/, which model/ does not import)."""
 
-    def __init__(self, *args, parent_checkpoint: str | None = None, **kwargs):
+    def __init__(self, *args, parent_checkpoint: str | None = None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.parent_checkpoint = parent_checkpoint
+        self.train_sampler = train_sampler
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:

@@ -174,9 +174,7 @@ def test_image_marker_count_must_match_the_images(check, tmp_path, folder, quest
     assert "markers for" in problem.reason and problem.record_id == "bad"
 
 
-def test_image_without_marker_gets_one_before_the_first_question(
-    check, tmp_path, folder, tiny_tokenizer, image_processor
-):
+def test_image_without_marker_gets_one_before_the_first_question(check, tmp_path, folder, tiny_tokenizer):
     row = record("r", image="a.png", question="What color are the shapes?")
     row["conversations"][0]["value"] = "What color are the shapes?"  # no marker
     path = write_jsonl(tmp_path / "d.jsonl", [row])
@@ -185,7 +183,7 @@ def test_image_without_marker_gets_one_before_the_first_question(
     expected = llava_to_messages(row["conversations"], 1)
     assert expected[0]["content"] == "<image>\nWhat color are the shapes?"
     # Training and inference read the record the same way: the prompt is the training prefix.
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     ids = dataset[0]["input_ids"].tolist()
     assert ids.count(IMAGE_TOKEN) == N_IMAGE
     messages, images, answer = first_question(read_records(path)[0], folder)
@@ -225,9 +223,7 @@ def test_conversation_ending_on_a_human_turn(check, tmp_path, folder):
     assert problem.record_id == "bad" and "ends without an answer" in problem.reason
 
 
-def test_too_long_is_dropped_and_counted_never_cut_through_an_image(
-    check, tmp_path, folder, tiny_tokenizer, image_processor
-):
+def test_too_long_is_dropped_and_counted_never_cut_through_an_image(check, tmp_path, folder, tiny_tokenizer):
     # The image comes after a long first exchange: it fits no max_length that keeps the rest.
     long = {"id": "long", "image": "a.png", "conversations": [
         {"from": "human", "value": "What shape is shown? " * 20}, {"from": "gpt", "value": "red"},
@@ -241,11 +237,11 @@ def test_too_long_is_dropped_and_counted_never_cut_through_an_image(
     assert not report.refuses_training  # dropped and counted, as LLaVA users expect
     assert "1 too long" in report.summary()
 
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, max_length)
+    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, max_length)
     assert (len(dataset), dataset.num_dropped) == (2, 1)
     for i in range(len(dataset)):
         example = dataset[i]
-        assert example["input_ids"].tolist().count(IMAGE_TOKEN) == N_IMAGE * example["pixel_values"].shape[0]
+        assert example["input_ids"].tolist().count(IMAGE_TOKEN) == N_IMAGE * len(example["images"])
         assert (example["labels"] != IGNORE_INDEX).any()  # never an all-masked sample
 
 
@@ -291,13 +287,14 @@ def test_duplicate_ids_are_warned_not_fatal(check, tmp_path, folder):
     assert problem.severity == "warning" and not report.refuses_training
 
 
-def test_numeric_ids_and_mixed_image_fields_read_as_one_shape(tmp_path, folder, tiny_tokenizer, image_processor):
+def test_numeric_ids_and_mixed_image_fields_read_as_one_shape(tmp_path, folder, tiny_tokenizer):
     # `datasets`' JSON reader fails on int/str ids or str/list images mixed in one file.
     rows = [record(7), record("x", image=["a.png"]), record(8, image=None)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert [r["id"] for r in read_records(path)] == ["7", "x", "8"]
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, 256)
-    assert [("pixel_values" in dataset[i]) for i in range(3)] == [True, True, False]
+    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+    assert [len(dataset[i]["images"]) for i in range(3)] == [1, 1, 0]
+    assert dataset.multimodal() == [True, True, False]  # what modality-grouped sampling reads
 
 
 # --- images of every mode, upright ---------------------------------------------------------------
@@ -404,9 +401,9 @@ def test_skip_bad_samples_trains_on_the_rest_and_lists_the_skipped(
     assert [(s["location"], s["id"]) for s in skipped] == [("line 2", "bad-image"), ("line 3", None), ("line 5", "empty")]
     assert "missing_image" in skipped[0]["reasons"][0] and "malformed_json" in skipped[1]["reasons"][0]
 
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, 256, skip=skip)
+    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256, skip=skip)
     assert len(dataset) == 2
-    batch = Collator(tiny_tokenizer.pad_token_id)([dataset[0], dataset[1]])  # every image loads
+    batch = Collator(tiny_tokenizer.pad_token_id, image_processor)([dataset[0], dataset[1]])  # every image loads
     assert batch["pixel_values"].shape[0] == 2
 
 
@@ -479,10 +476,10 @@ def silent_tokenizer(tiny_base):
     return tokenizer
 
 
-def test_mostly_masked_data_is_a_template_error(tmp_path, folder, silent_tokenizer, image_processor, check):
+def test_mostly_masked_data_is_a_template_error(tmp_path, folder, silent_tokenizer, check):
     path = write_jsonl(tmp_path / "d.jsonl", [record(str(i)) for i in range(4)])
     with pytest.raises(TemplateMismatch, match="chat template"):
-        SupervisedDataset(path, folder, silent_tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, 256)
+        SupervisedDataset(path, folder, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     report = check(path, folder, tokenizer=silent_tokenizer)
     fatal = report.of("fatal")
     assert len(fatal) == 1 and "4 of 4 samples have no supervised token" in fatal[0].reason
@@ -492,7 +489,7 @@ def test_mostly_masked_data_is_a_template_error(tmp_path, folder, silent_tokeniz
         check_training_data(args, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, None)
 
 
-def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny_base, image_processor, check):
+def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny_base, check):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base["llm"])
     # Renders every answer except "blue": a sample answering only "blue" has nothing to learn.
     tokenizer.chat_template = SILENT_TEMPLATE.replace("m['role'] != 'assistant'", "m['content'] != 'blue'")
@@ -500,7 +497,7 @@ def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     problem = only_problem(check(path, folder, tokenizer=tokenizer), "no_labels")
     assert problem.record_id == "only-blue"
-    dataset = SupervisedDataset(path, folder, tokenizer, image_processor, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = SupervisedDataset(path, folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     assert (len(dataset), dataset.num_dropped) == (2, 1)
 
 
@@ -587,10 +584,11 @@ def test_video_record_expands_to_one_image_block_per_frame(tmp_path, tiny_tokeni
     row = {"id": "v", "video": "clip", "conversations": [
         {"from": "human", "value": "What color are the shapes?"}, {"from": "gpt", "value": "red"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    dataset = SupervisedDataset(path, str(tmp_path / "media"), tiny_tokenizer, image_processor, N_IMAGE,
+    dataset = SupervisedDataset(path, str(tmp_path / "media"), tiny_tokenizer, N_IMAGE,
                                 IMAGE_TOKEN, 256, num_frames=3)
     example = dataset[0]
-    assert example["pixel_values"].shape[0] == 3
+    assert len(example["images"]) == 3
+    assert Collator(tiny_tokenizer.pad_token_id, image_processor)([example])["pixel_values"].shape[0] == 3
     assert example["input_ids"].tolist().count(IMAGE_TOKEN) == 3 * N_IMAGE
     messages, images, _ = first_question(read_records(path)[0], str(tmp_path / "media"), num_frames=3)
     assert messages[0]["content"] == "<image><image><image>\nWhat color are the shapes?"
@@ -663,7 +661,7 @@ def mixed_run(tiny_base, tmp_path_factory):
         "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", path, "--image_folder", media, "--eval_data_path", "", "--num_frames", "2",
         "--data_check_cache", str(root / "cache"), "--output_dir", out,
-        "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--group_by_modality_length", "true",
     ]
     with pytest.raises(DataError) as refused:
         train.main(argv)

@@ -185,15 +185,13 @@ def test_multi_image_batch_through_dataset_and_collator(clip_mlp_model, tiny_bas
     tokenizer = AutoTokenizer.from_pretrained(tiny_base["llm"])
     image_processor = AutoImageProcessor.from_pretrained(tiny_base["vision"])
     dataset = SupervisedDataset(
-        str(data_path), demo_data["image_folder"], tokenizer, image_processor,
-        model.num_image_tokens, model.image_token_index, max_length=512,
+        str(data_path), demo_data["image_folder"], tokenizer, model.num_image_tokens, model.image_token_index, max_length=512,
     )
     assert len(dataset) == 2
     examples = [dataset[0], dataset[1]]
-    assert examples[0]["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert "pixel_values" not in examples[1]
+    assert [len(e["images"]) for e in examples] == [2, 0]
 
-    batch = Collator(tokenizer.pad_token_id)(examples)
+    batch = Collator(tokenizer.pad_token_id, image_processor)(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -213,9 +211,7 @@ def test_multi_image_batch_through_dataset_and_collator(clip_mlp_model, tiny_bas
         torch.testing.assert_close(embeds[0, mask], image_embeds.reshape(-1, image_embeds.shape[-1]))
         # Batching changes nothing: each row's logits equal its own run alone.
         for row, example in enumerate(examples):
-            alone = model(
-                input_ids=example["input_ids"][None], pixel_values=example.get("pixel_values")
-            ).logits[0]
+            alone = model(**Collator(tokenizer.pad_token_id, image_processor)([example])).logits[0]
             torch.testing.assert_close(out.logits[row, : lengths[row]], alone, rtol=0, atol=1e-5)
 
 

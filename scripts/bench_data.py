@@ -1,0 +1,106 @@
+"""Records per second the training loader delivers: SupervisedDataset (images decoded and
+processed) + Collator through a torch DataLoader with `--num_workers` workers, shuffled as the
+Trainer does. No model runs: this is the ceiling the data puts on training speed.
+
+    python scripts/bench_data.py --num_workers 0                  # the demo set and tiny base
+    python scripts/bench_data.py --data_path train.jsonl --image_folder images/ \
+        --llm_model PATH --vision_model PATH --num_workers 8 --batch_size 16
+
+With no --data_path it reads configs/demo.yaml's data and base, building them (seeded, no
+download) when missing, as train.py's demo does. Prints one row of key=value fields:
+records_per_s, records, batches, batch_size, num_workers, images_per_record, seconds, setup_s.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from check_data import num_image_tokens  # noqa: E402
+
+from config import DEMO_CONFIG, DataArguments, ModelArguments  # noqa: E402
+from data.dataset import Collator, SupervisedDataset  # noqa: E402
+from data.synthetic import make_demo_dataset, vocabulary  # noqa: E402
+from model.build import load_processors  # noqa: E402
+from model.tiny_base import make_tiny_base  # noqa: E402
+from model.vlm import IMAGE_TOKEN_INDEX  # noqa: E402
+
+
+@dataclass
+class BenchArguments:
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes."})
+    batch_size: int = field(default=16, metadata={"help": "Records per batch (the demo's)."})
+    batches: int = field(default=400, metadata={"help": "Batches timed."})
+    warmup_batches: int = field(default=4, metadata={"help": "Batches before the clock starts (worker start-up)."})
+
+
+def demo_words() -> list[str]:
+    """configs/demo.yaml's model and data settings as command-line words."""
+    with open(DEMO_CONFIG) as f:
+        settings = yaml.safe_load(f)
+    known = set(ModelArguments.__dataclass_fields__) | set(DataArguments.__dataclass_fields__)
+    words = []
+    for key, value in settings.items():
+        if key in known:
+            words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return words
+
+
+def make_demo_assets(model_args, data_args) -> None:
+    """What train.py's prepare_demo_assets does, without a TrainingArguments to ask."""
+    if model_args.build_tiny_base_if_missing and not os.path.isdir(model_args.llm_model):
+        make_tiny_base(os.path.dirname(model_args.llm_model), vocabulary(), seed=0)
+    if data_args.make_demo_data_if_missing and not os.path.isfile(data_args.data_path):
+        make_demo_dataset(os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--data_path" not in argv:
+        argv = demo_words() + argv  # the command line still wins
+    parser = HfArgumentParser((ModelArguments, DataArguments, BenchArguments), allow_abbrev=False)
+    model_args, data_args, bench = parser.parse_args_into_dataclasses(args=argv)
+    make_demo_assets(model_args, data_args)
+
+    start = time.perf_counter()
+    tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+    dataset = SupervisedDataset(
+        data_args.data_path, data_args.image_folder, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX, data_args.max_length, num_frames=data_args.num_frames,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=bench.batch_size, shuffle=True, num_workers=bench.num_workers,
+        collate_fn=Collator(tokenizer.pad_token_id, image_processor), persistent_workers=bench.num_workers > 0,
+    )
+    setup_s = time.perf_counter() - start
+
+    records = images = batches = 0
+    batches_wanted = bench.warmup_batches + bench.batches
+    clock = None
+    while batches < batches_wanted:  # as many epochs as it takes
+        for batch in loader:
+            if batches == bench.warmup_batches:
+                clock = time.perf_counter()
+            if batches >= bench.warmup_batches:
+                records += batch["input_ids"].shape[0]
+                images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+            batches += 1
+            if batches == batches_wanted:
+                break
+    seconds = time.perf_counter() - clock
+    row = {
+        "records_per_s": round(records / seconds, 1), "records": records, "batches": bench.batches,
+        "batch_size": bench.batch_size, "num_workers": bench.num_workers,
+        "images_per_record": round(images / max(records, 1), 2), "seconds": round(seconds, 3),
+        "setup_s": round(setup_s, 2),
+    }
+    print("bench_data: " + " ".join(f"{k}={v}" for k, v in row.items()))
+    return row
+
+
+if __name__ == "__main__":
+    main()
