@@ -18,8 +18,8 @@ from transformers import HfArgumentParser
 
 from data.dataset import load_image, read_records, video_frame_paths
 from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
-from evaluate import accuracy, generate_answers, predict_records
 from model.checkpoint import load_checkpoint
+from predict import accuracy, generate_answers, predict_records
 
 
 @dataclass

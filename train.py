@@ -20,13 +20,13 @@ from data.messages import use_messages_dataset
 from data.sampler import modality_length_sampler
 from data.synthetic import make_demo_dataset, vocabulary
 from data.validate import check_training_data
-from evaluate import accuracy, predict_records
 from model.build import build_model, load_processors
 from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
 from model.freeze import apply_freeze_policy, format_table
 from model.memory import format_plan, plan_memory
 from model.tiny_base import make_tiny_base
 from model.trainer import VLMTrainer
+from predict import accuracy, predict_records
 
 
 def prepare_demo_assets(model_args, data_args, train_args) -> None:

@@ -29,7 +29,7 @@ from data.prompt import (
 )
 from data.records import DataError
 from data.validate import check_training_data, validate_cached, validate_data_file
-from evaluate import first_question
+from predict import first_question
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOKEN = -200
@@ -687,7 +687,7 @@ def mixed_checkpoint(mixed_run):
 
 
 def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
-    from evaluate import predict_records
+    from predict import predict_records
 
     model, tokenizer, image_processor, _ = mixed_checkpoint
     records = read_records(mixed_run["data"], skip={4})
@@ -710,7 +710,7 @@ def spy_on_generation(monkeypatch):
 
 
 def test_infer_takes_several_images_in_order(mixed_run, mixed_checkpoint, monkeypatch, capsys):
-    from evaluate import generate_answers
+    from predict import generate_answers
 
     infer, calls = spy_on_generation(monkeypatch)
     red, blue = (os.path.join(mixed_run["media"], n) for n in ("red.png", "blue.png"))

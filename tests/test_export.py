@@ -17,11 +17,11 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from data.prompt import tokenize_prompt
 from data.synthetic import make_image
-from evaluate import generate_answers
 from model.build import build_model, load_processors
 from model.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from model.freeze import apply_freeze_policy
 from model.vision import load_vision_encoder
+from predict import generate_answers
 from scripts.export_hf import main as export_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

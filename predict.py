@@ -1,5 +1,6 @@
-"""Answer questions about images with a loaded model: used by infer.py, train.py's held-out
-accuracy and the web demo, so all three generate the same way."""
+"""Answer questions about images with a loaded model: used by infer.py and by train.py's
+held-out accuracy, so both generate the same way. (Named `predict`, not `evaluate`, so it never
+shadows Hugging Face's `evaluate` package.)"""
 
 from __future__ import annotations
 
