@@ -287,27 +287,25 @@ def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
 
 
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` folder in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = ((checkpoint_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir))
+    return sorted((step, path) for step, path in steps if step is not None)
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The newest complete `checkpoint-N` in `output_dir`. A folder cut off mid-save (no
     completion mark) is never taken."""
-    if not os.path.isdir(output_dir):
-        return None
-    complete = [
-        (checkpoint_step(name), os.path.join(output_dir, name))
-        for name in os.listdir(output_dir)
-        if checkpoint_step(name) is not None and is_complete(os.path.join(output_dir, name))
-    ]
-    return max(complete)[1] if complete else None
+    complete = [path for _, path in _checkpoint_folders(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
 
 
 def prune_checkpoints(output_dir: str, keep: int | None) -> None:
     """`save_total_limit` that never deletes the newest complete checkpoint: keeps the `keep`
     newest complete ones, and removes the leftovers of cut-off saves older than the newest."""
-    folders = sorted(
-        (checkpoint_step(name), os.path.join(output_dir, name))
-        for name in os.listdir(output_dir)
-        if checkpoint_step(name) is not None
-    )
+    folders = _checkpoint_folders(output_dir)
     complete = [path for _, path in folders if is_complete(path)]
     if not complete:
         return
