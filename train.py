@@ -116,6 +116,12 @@ def main(argv=None):
     )
     trainer.train(resume_from_checkpoint=resolve_resume(train_args))
     trainer.save_model(train_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss history the web page plots
+    # The last collective is behind us. Tear gloo/NCCL down explicitly: a rank that exits while its
+    # process group still runs background threads can abort ("terminate called without an active
+    # exception"). Evaluation below runs on rank 0 alone and needs no group.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.state.destroy_process_group()
 
     if data_args.eval_data_path and train_args.should_save:
         model.eval()
