@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import yaml
@@ -216,8 +217,9 @@ class TrainArguments(TrainingArguments):
 
     def __post_init__(self):
         # Without a GPU, accelerate treats `torchrun --nproc_per_node=N` as N unrelated single
-        # processes unless told to use the CPU; then the same code runs DDP over gloo.
-        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        # processes unless told to use the CPU; then the same code runs DDP over gloo. Not under
+        # DeepSpeed: `use_cpu` would bypass it (see _setup_devices).
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available() and not self.deepspeed:
             self.use_cpu = True
         super().__post_init__()
         if self.group_by_modality_length and self.train_sampling_strategy != "random":
@@ -225,6 +227,20 @@ class TrainArguments(TrainingArguments):
                 f"--group_by_modality_length true chooses the sampler, and so does --train_sampling_strategy "
                 f"{self.train_sampling_strategy}: keep one."
             )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = TrainingArguments._setup_devices.func(self)
+        state = self.distributed_state
+        if self.deepspeed and state.backend is None and torch.distributed.is_initialized():
+            # DeepSpeed without a GPU: DeepSpeed joins all ranks over gloo, but accelerate, which
+            # names no backend on this path, then counts one process. Batch sizes, samplers and
+            # "who saves" all read these, so take them from the process group DeepSpeed made.
+            state.backend = torch.distributed.get_backend()
+            state.num_processes = torch.distributed.get_world_size()
+            state.process_index = torch.distributed.get_rank()
+            state.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
+        return device
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)

@@ -24,6 +24,7 @@ from model.build import build_model, load_processors
 from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
 from model.freeze import apply_freeze_policy, format_table
 from model.memory import format_plan, plan_memory
+from model.sharding import is_sharded
 from model.tiny_base import make_tiny_base
 from model.trainer import VLMTrainer
 from predict import accuracy, predict_records
@@ -123,7 +124,11 @@ def main(argv=None):
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.state.destroy_process_group()
 
-    if data_args.eval_data_path and train_args.should_save:
+    if data_args.eval_data_path and is_sharded(model):
+        report(train_args, "eval_skipped.txt", "Held-out evaluation skipped: the weights are ZeRO-3/FSDP shards. "
+               f"Run: python infer.py --checkpoint {train_args.output_dir} --data {data_args.eval_data_path} "
+               f"--image_folder {data_args.image_folder}")
+    elif data_args.eval_data_path and train_args.should_save:
         model.eval()
         results = predict_records(
             model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.image_folder,

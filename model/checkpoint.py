@@ -29,12 +29,14 @@ from safetensors.torch import save_file
 from config import ModelArguments
 from model.build import build_model, load_processors
 from model.freeze import apply_freeze_policy, is_lora
+from model.sharding import gathered
 
 FORMAT_VERSION = 1
 MANIFEST = "vlm_manifest.json"
 DELTA = "delta.safetensors"
 CHAT_TEMPLATE = "chat_template.jinja"
 ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}
+ADAPTER_PREFIXES = {"llm": "llm.", "vision": "vision.encoder."}  # the PeftModel's name in the VLM
 
 
 class CheckpointError(RuntimeError):
@@ -56,15 +58,23 @@ def delta_names(model) -> list[str]:
     ]
 
 
-def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = None) -> None:
+def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = None, state_dict=None) -> None:
     """Write the delta of `model` to `out_dir`. The manifest goes last: a folder without one
-    is an unfinished save and is never loaded."""
+    is an unfinished save and is never loaded.
+
+    `state_dict`: full tensors gathered by a sharded engine (ZeRO-3, FSDP), whose parameters
+    are only shards; keys as in `model.named_parameters()`.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    params = dict(model.named_parameters())
-    tensors = {name: params[name].detach().cpu().contiguous() for name in delta_names(model)}
+    full = dict(model.named_parameters()) if state_dict is None else state_dict
+    tensors = {name: _full_tensor(full, name, model) for name in delta_names(model)}
     save_file(tensors, os.path.join(out_dir, DELTA), metadata={"format": "pt"})
     for component, module in _adapted_modules(model).items():
-        module.save_pretrained(os.path.join(out_dir, ADAPTERS[component]))
+        prefix = ADAPTER_PREFIXES[component]
+        adapter_state = None if state_dict is None else {
+            key[len(prefix):]: _full_tensor(full, key, model) for key in full if key.startswith(prefix) and is_lora(key)
+        }
+        module.save_pretrained(os.path.join(out_dir, ADAPTERS[component]), state_dict=adapter_state)
     if tokenizer is not None and tokenizer.chat_template:
         with open(os.path.join(out_dir, CHAT_TEMPLATE), "w") as f:
             f.write(tokenizer.chat_template)
@@ -96,6 +106,22 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def _full_shape(param: torch.Tensor) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard is empty; DeepSpeed keeps the shape
+
+
+def _full_tensor(full: dict, name: str, model) -> torch.Tensor:
+    """A delta tensor is never empty: a ZeRO-3 shard saved as it is cannot be loaded anywhere."""
+    tensor = full.get(name)
+    if tensor is None or tensor.numel() == 0:
+        raise CheckpointError(
+            f"{name} reached the save {'missing' if tensor is None else 'as an empty ZeRO-3 shard'}: "
+            "the engine did not gather it. With DeepSpeed ZeRO-3, set "
+            '"stage3_gather_16bit_weights_on_model_save": true (configs/deepspeed/zero3.json does).'
+        )
+    return tensor.detach().cpu().contiguous()
 
 
 def _relative_if_inside(path: str, ckpt_dir: str) -> str:
@@ -176,9 +202,9 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
     missing = sorted(set(manifest["tensors"]) - set(tensors))
     unknown = sorted(set(tensors) - set(params))
     misshapen = sorted(
-        f"{n} {tuple(t.shape)} vs model {tuple(params[n].shape)}"
+        f"{n} {tuple(t.shape)} vs model {tuple(_full_shape(params[n]))}"
         for n, t in tensors.items()
-        if n in params and params[n].shape != t.shape
+        if n in params and _full_shape(params[n]) != t.shape
     )
     problems = []
     if missing:
@@ -194,7 +220,8 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
             + f"; fingerprint {manifest['base_fingerprint']}). Re-save the checkpoint or rebuild "
             "it with the base and settings it was trained with."
         )
-    with torch.no_grad():
+    # Every rank writes, and under ZeRO-3 rank 0's full tensors are scattered back into the shards.
+    with gathered([params[n] for n in tensors], modifier_rank=0), torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))
 
@@ -212,7 +239,9 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
         path = os.path.join(ckpt_dir, ADAPTERS[component], "adapter_model.safetensors")
         state = _read_safetensors(path)
         try:
-            result = set_peft_model_state_dict(module, state)
+            lora = [p for n, p in module.named_parameters() if is_lora(n)]
+            with gathered(lora, modifier_rank=0):
+                result = set_peft_model_state_dict(module, state)
         except RuntimeError as error:  # shape mismatches
             raise CheckpointError(f"{path} does not fit the model's LoRA layers: {error}") from error
         missing_lora = [k for k in result.missing_keys if "lora_" in k]

@@ -5,6 +5,8 @@ import hashlib
 import torch
 from torch import nn
 
+from model.sharding import gathered
+
 SAMPLES_PER_TENSOR = 4096
 
 
@@ -16,14 +18,18 @@ def fingerprint(module: nn.Module) -> str:
     between any two trained (or two differently seeded) bases. Values are rounded to bf16 first
     for the same reason.
     """
+    sampled = [
+        (f"{module_name}.{name}", param)
+        for module_name, child in sorted(module.named_modules(), key=lambda item: item[0])
+        if not isinstance(child, nn.Linear)
+        for name, param in sorted(child.named_parameters(recurse=False))
+    ]
     digest = hashlib.sha256()
-    for module_name, child in sorted(module.named_modules(), key=lambda item: item[0]):
-        if isinstance(child, nn.Linear):
-            continue
-        for name, param in sorted(child.named_parameters(recurse=False)):
+    with gathered([param for _, param in sampled]):  # ZeRO-3 shards are empty until gathered
+        for name, param in sampled:
             flat = param.detach().reshape(-1)
             index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR))
             sample = flat[index.long().to(flat.device)].to(torch.bfloat16).float().cpu()
-            digest.update(f"{module_name}.{name}{tuple(param.shape)}".encode())
+            digest.update(f"{name}{tuple(param.shape)}".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -27,9 +27,12 @@ def is_lora(name: str) -> bool:
 
 
 def logical_numel(param: torch.Tensor) -> int:
-    """Parameter count as the model sees it: a 4-bit weight packs two values per byte."""
+    """Parameter count as the model sees it: a 4-bit weight packs two values per byte, and a
+    ZeRO-3 parameter is an empty shard whose full size DeepSpeed keeps in `ds_numel`."""
     quant_state = getattr(param, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else param.numel()
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return getattr(param, "ds_numel", param.numel())
 
 
 def is_quantized(param: torch.Tensor) -> bool:
@@ -79,7 +82,7 @@ def freeze_table(model) -> list[ComponentRow]:
     for component in COMPONENTS:
         params = [(n, p) for n, p in model.named_parameters() if n.split(".", 1)[0] == component]
         total = sum(logical_numel(p) for _, p in params)  # adapters included
-        trainable = sum(p.numel() for n, p in params if p.requires_grad)
+        trainable = sum(logical_numel(p) for n, p in params if p.requires_grad)
         lora_trains = any(p.requires_grad for n, p in params if is_lora(n))
         base_trains = any(p.requires_grad for n, p in params if not is_lora(n))
         if lora_trains:

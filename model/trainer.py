@@ -55,6 +55,8 @@ class VLMTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Under ZeRO-3 and FSDP the Trainer gathers `state_dict` (full tensors) on every rank
+        # before calling this; the model's own parameters are shards there.
         if self.args.should_save:
             output_dir = output_dir or self.args.output_dir
             save_checkpoint(
@@ -62,6 +64,7 @@ class VLMTrainer(Trainer):
                 output_dir,
                 tokenizer=self.processing_class,
                 parent=self.parent_checkpoint,
+                state_dict=state_dict,
             )
             print(f"[rank {self.args.process_index}] saved delta checkpoint to {output_dir}")
 

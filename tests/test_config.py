@@ -20,9 +20,12 @@ from config import (
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every training config; configs/shapes/ holds model shapes for scripts/bench.py, not runs.
 SHIPPED_CONFIGS = sorted(
-    glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True)
-    + glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yml"), recursive=True)
+    path
+    for pattern in ("*.yaml", "*.yml")
+    for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", pattern), recursive=True)
+    if os.sep + "shapes" + os.sep not in path
 )
 
 
