@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
@@ -240,6 +241,11 @@ class TrainArguments(TrainingArguments):
             state.num_processes = torch.distributed.get_world_size()
             state.process_index = torch.distributed.get_rank()
             state.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
+        if self.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+            # FSDP without a GPU: accelerate turns only GPU-like process groups into FSDP and
+            # would silently wrap the model in plain DDP instead. FSDP2 (`fully_shard`) itself
+            # runs over gloo, so let accelerate take its FSDP path.
+            state.distributed_type = DistributedType.MULTI_GPU
         return device
 
 

@@ -24,7 +24,7 @@ from model.build import build_model, load_processors
 from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
 from model.freeze import apply_freeze_policy, format_table
 from model.memory import format_plan, plan_memory
-from model.sharding import is_sharded
+from model.sharding import describe_engine, is_sharded
 from model.tiny_base import make_tiny_base
 from model.trainer import VLMTrainer
 from predict import accuracy, predict_records
@@ -116,6 +116,7 @@ def main(argv=None):
         train_sampler=modality_length_sampler(train_dataset, train_args),
     )
     trainer.train(resume_from_checkpoint=resolve_resume(train_args))
+    report(train_args, "engine.txt", describe_engine(trainer.model_wrapped, model))
     trainer.save_model(train_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss history the web page plots
     # The last collective is behind us. Tear gloo/NCCL down explicitly: a rank that exits while its

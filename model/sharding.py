@@ -12,7 +12,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -22,6 +24,24 @@ def is_partitioned(param: torch.Tensor) -> bool:
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the weights are ZeRO-3 or FSDP shards: only all ranks together can run the model."""
     return any(is_partitioned(p) or isinstance(p, DTensor) for p in model.parameters())
+
+
+def describe_engine(wrapped: torch.nn.Module, model: torch.nn.Module) -> str:
+    """What really trained the model, one line: a request for FSDP that ended up as plain DDP
+    (as accelerate does on CPU unless told otherwise) shows here."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if hasattr(wrapped, "zero_optimization_stage"):  # deepspeed.DeepSpeedEngine
+        engine = f"DeepSpeed ZeRO-{wrapped.zero_optimization_stage()}"
+    elif isinstance(model, FSDPModule):
+        shards = sum(isinstance(m, FSDPModule) for m in model.modules())
+        engine = f"FSDP2 (fully_shard: {shards} sharded modules)"
+    elif type(wrapped).__name__ == "FullyShardedDataParallel":
+        engine = "FSDP1"
+    elif isinstance(wrapped, DistributedDataParallel):
+        engine = "DDP"
+    else:
+        engine = "no data parallelism"
+    return f"engine: {engine}, {world} process{'es' if world > 1 else ''}"
 
 
 def gathered(params, modifier_rank: int | None = None):

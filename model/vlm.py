@@ -25,6 +25,17 @@ class VisionLanguageModel(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.image_token_index = IMAGE_TOKEN_INDEX
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Layer classes that FSDP's default auto-wrap policy shards one by one: the LLM's decoder
+        layers and the tower's encoder layers (the names each model declares that exist here)."""
+        declared = [
+            *(getattr(self.llm, "_no_split_modules", None) or []),
+            *(getattr(self.vision.encoder, "_no_split_modules", None) or []),
+        ]
+        present = {type(m).__name__ for m in self.modules()}
+        return sorted(set(declared) & present)
+
     def vision_trains(self) -> bool:
         return any(p.requires_grad for p in self.vision.parameters())
 
