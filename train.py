@@ -74,8 +74,10 @@ def main(argv=None):
     if train_args.should_save:
         save_resolved_config(os.path.join(train_args.output_dir, "config.yaml"), model_args, data_args, train_args)
 
-    model = build_model(model_args)
-    if train_args.init_from:
+    # A 16-bit plan needs shapes only: no weights are downloaded or held (a 7B plans on a laptop).
+    plan_only = train_args.dry_run and model_args.bits == 16
+    model = build_model(model_args, weights=not plan_only)
+    if train_args.init_from and not plan_only:
         init_from_parent(model, train_args.init_from)
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:

@@ -7,7 +7,13 @@ import os
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
 from model.connectors import build_connector, num_output_tokens
 from model.fingerprint import fingerprint
@@ -74,20 +80,31 @@ def _add_lora(module: nn.Module, args) -> nn.Module:
     return get_peft_model(module, config)
 
 
-def build_model(args) -> VisionLanguageModel:
+def build_model(args, weights: bool = True) -> VisionLanguageModel:
     """Base towers from their ids or paths, a fresh connector, LoRA where the config asks.
 
     Which parameters train is not decided here but by `model.freeze.apply_freeze_policy`.
+    `weights=False` (`--dry_run`): shapes only, on the meta device, from the two config.json
+    files; a 7B recipe is planned without downloading (or having memory for) its weights.
     """
+    if not weights and args.bits < 16:
+        raise ValueError("A model without weights cannot be quantized: load the weights to plan QLoRA.")
     quantize_vit = args.bits < 16 and args.lora_on_vit
     encoder = load_vision_encoder(
-        args.vision_model, revision=args.vision_revision, **_load_kwargs(args, quantize_vit)
+        args.vision_model, revision=args.vision_revision, weights=weights, **_load_kwargs(args, quantize_vit)
     )
     vision = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
-    llm = AutoModelForCausalLM.from_pretrained(
-        args.llm_model, revision=args.llm_revision, **_load_kwargs(args, args.bits < 16)
-    )
-    base_fingerprint = {"vision": fingerprint(vision), "llm": fingerprint(llm)}
+    if weights:
+        llm = AutoModelForCausalLM.from_pretrained(
+            args.llm_model, revision=args.llm_revision, **_load_kwargs(args, args.bits < 16)
+        )
+        base_fingerprint = {"vision": fingerprint(vision), "llm": fingerprint(llm)}
+    else:
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(args.llm_model, revision=args.llm_revision), dtype=getattr(torch, args.dtype)
+            )
+        base_fingerprint = None
 
     llm_dim = llm.get_input_embeddings().embedding_dim
     connector = build_connector(args.connector, vision.hidden_size, llm_dim, vision.num_tokens, args)

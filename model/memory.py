@@ -102,7 +102,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             scales[id(module.weight)] = scb
 
     for tensor in [*model.parameters(), *model.buffers()]:
-        ptr = tensor.untyped_storage().data_ptr()
+        # Tied weights share storage; meta tensors (a plan without weights) all sit at address 0.
+        ptr = id(tensor) if tensor.is_meta else tensor.untyped_storage().data_ptr()
         if ptr in seen:
             continue
         seen.add(ptr)

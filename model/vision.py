@@ -8,12 +8,16 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 
-def load_vision_encoder(path: str, revision=None, **from_pretrained_kwargs) -> PreTrainedModel:
+def load_vision_encoder(path: str, revision=None, weights: bool = True, **from_pretrained_kwargs) -> PreTrainedModel:
     """A vision encoder from a hub id or folder: a bare tower (CLIPVisionModel, SiglipVisionModel,
-    ...) or the vision half of a dual encoder such as `openai/clip-vit-large-patch14-336`."""
+    ...) or the vision half of a dual encoder such as `openai/clip-vit-large-patch14-336`.
+    `weights=False`: its shapes only, on the meta device, from the config alone."""
     config = AutoConfig.from_pretrained(path, revision=revision)
     vision_config = getattr(config, "vision_config", config)
     tower_class = MODEL_MAPPING[type(vision_config)]
+    if not weights:
+        with torch.device("meta"):
+            return tower_class._from_config(vision_config, dtype=from_pretrained_kwargs["dtype"])
     return tower_class.from_pretrained(path, revision=revision, **from_pretrained_kwargs)
 
 

@@ -199,3 +199,20 @@ def test_plan_matches_measured_peak_rss(tiny_base):
         assert (figures["recipe"], figures["checkpointing"]) == (run.split(":")[0], run.endswith(":ckpt"))
         assert figures["planned"] > 30 * 2**20
         assert figures["planned"] == pytest.approx(figures["measured"], rel=0.15), figures
+
+
+def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
+    """configs/shapes/ holds only the config.json of CLIP ViT-L/14-336 and Vicuna-7B: no weights.
+    The plan builds on the meta device, so it runs anywhere without downloading 14 GB."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "configs/llava15_finetune.yaml", "--dry_run", "true",
+         "--vision_model", "configs/shapes/clip-vit-large-patch14-336",
+         "--llm_model", "configs/shapes/vicuna-7b-v1.5", "--output_dir", str(tmp_path), "--report_to", "none"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llm        full         6,738,415,616" in result.stdout  # Llama-2-7B's published count
+    assert "batch 16 x 2048 tokens (576 image + 1472 text)" in result.stdout  # 336 px / 14 = 24^2 patches
+    adamw = next(line for line in result.stdout.splitlines() if line.startswith("AdamW states"))
+    assert adamw.endswith(" 50.36 GiB")  # 8 bytes x 6.76 B trainable (LLM + projector)
