@@ -1,0 +1,279 @@
+"""A web page that shows what fine-tuning did: one question, two answers side by side.
+
+    python scripts/web_demo.py --checkpoint outputs/demo
+    python scripts/web_demo.py --checkpoint outputs/demo --data outputs/demo-data/eval.json \
+        --image_folder outputs/demo-data
+
+**fine-tuned** is the checkpoint as infer.py loads it (`load_checkpoint`, the one loader) and
+answers with the same `generate_answers`, so it prints what
+`python infer.py --checkpoint DIR --image X --prompt Q` prints. **base** is the manifest's
+base built by the same `build_model` with no delta, its connector seeded as train.py seeded it,
+so it answers as the run did at step 0. A side panel shows the checkpoint: base and
+fingerprint, connector, freeze table, LoRA settings, steps and the loss curve.
+
+Listens on 127.0.0.1 (`--host 0.0.0.0` to open it to the network), never shares a public link,
+never runs remote code. A checkpoint the loader refuses still opens the page, showing why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+
+# Run as `python scripts/web_demo.py`: Python puts scripts/ on the path, not the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import HfArgumentParser, set_seed  # noqa: E402
+
+from config import ConfigError  # noqa: E402
+from data.dataset import load_image, read_records, record_messages  # noqa: E402
+from data.prompt import IMAGE_MARKER, VIDEO_MARKER, add_image_markers, expand_video_marker  # noqa: E402
+from data.records import DataError  # noqa: E402
+from infer import InferArguments  # noqa: E402
+from model.build import build_model  # noqa: E402
+from model.checkpoint import CheckpointError, check_base, checkpoint_step, load_checkpoint  # noqa: E402
+from model.freeze import apply_freeze_policy, format_table  # noqa: E402
+from predict import generate_answers  # noqa: E402
+
+MAX_PIXELS = 4096 * 4096  # a page anyone can post to gets a tighter cap than PIL's bomb limit
+MAX_UPLOAD = "20mb"
+# System fonts: the default theme fetches Google Fonts, and the page must load nothing remote.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+CSS = "#images .grid-container { padding-top: 2.5rem; }"  # thumbnails below the label, not under it
+
+
+@dataclass
+class WebDemoArguments:
+    checkpoint: str = field(metadata={"help": "A checkpoint folder written by train.py."})
+    host: str = field(default="127.0.0.1", metadata={"help": "0.0.0.0 opens the page to the network."})
+    port: int = field(default=7860)
+    data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl whose records the page offers."})
+    image_folder: str | None = field(default=None, metadata={"help": "Root of --data's image paths."})
+    num_frames: int = field(default=8, metadata={"help": "Frames sampled from a --data video record."})
+    compare_base: bool = field(default=True, metadata={"help": "Load the base a second time (twice the memory)."})
+
+
+class PageError(ValueError):
+    """Bad input, said in a sentence the page shows instead of a traceback."""
+
+
+def _beside_checkpoint(ckpt_dir: str, name: str) -> str | None:
+    """A run file (config.yaml) lives in the output folder: the checkpoint itself, or the parent
+    of a `checkpoint-N` folder."""
+    folders = [ckpt_dir] + ([os.path.dirname(os.path.normpath(ckpt_dir))] if checkpoint_step(ckpt_dir) else [])
+    return next((os.path.join(d, name) for d in folders if os.path.isfile(os.path.join(d, name))), None)
+
+
+def build_base(finetuned, manifest: dict, ckpt_dir: str):
+    """The base alone, built from the loader's own resolved ModelArguments (nothing here reads
+    the manifest's settings a second way). train.py seeds, then builds: the same seed gives the
+    connector its step 0 had (an --init_from stage started from its parent's delta instead)."""
+    seed, config = 0, _beside_checkpoint(ckpt_dir, "config.yaml")
+    if config:
+        with open(config) as f:
+            seed = ((yaml.safe_load(f) or {}).get("train") or {}).get("seed", 0)
+    set_seed(seed)
+    base = build_model(finetuned.build_args)
+    check_base(base, manifest)
+    apply_freeze_policy(base, base.build_args)  # as the loader does: same dtypes as the fine-tuned
+    base.requires_grad_(False)
+    return base.eval()
+
+
+def load_models(args: WebDemoArguments) -> dict:
+    """{"finetuned", "base", "tokenizer", "image_processor", "manifest", "freeze_table"}, or
+    {"error": the loader's message}: a refused checkpoint still gets a page that says why."""
+    try:
+        model, tokenizer, image_processor, manifest = load_checkpoint(args.checkpoint)
+        # The recipe's table, by the function train.py printed it with (the loader applied it too).
+        freeze_table = format_table(apply_freeze_policy(model, model.build_args))
+        model.requires_grad_(False)
+        base = build_base(model, manifest, args.checkpoint) if args.compare_base else None
+    except (CheckpointError, ConfigError, OSError, ValueError) as error:
+        print(f"cannot load {args.checkpoint}: {error}", file=sys.stderr)
+        return {"error": f"Cannot load checkpoint `{args.checkpoint}`: {error}"}
+    return {"finetuned": model, "base": base, "tokenizer": tokenizer, "image_processor": image_processor,
+            "manifest": manifest, "freeze_table": freeze_table}
+
+
+def loss_history(ckpt_dir: str) -> tuple[pd.DataFrame | None, dict]:
+    """(step, loss, series) rows of trainer_state.json's log_history, and the state itself."""
+    path = os.path.join(ckpt_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None, {}
+    with open(path) as f:
+        state = json.load(f)
+    rows = [(e["step"], e[key], series) for e in state.get("log_history", [])
+            for key, series in (("loss", "train"), ("eval_loss", "eval")) if key in e]
+    return (pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None), state
+
+
+def describe(models: dict, state: dict) -> str:
+    """The checkpoint panel's text (Markdown)."""
+    manifest, args = models["manifest"], models["finetuned"].build_args
+    base, fp = manifest["base"], manifest["base_fingerprint"]
+    lora = (f"r {args.lora_r}, alpha {args.lora_alpha}, dropout {args.lora_dropout}, on {args.lora_target}"
+            f"{', frozen' if args.freeze_lora else ''}, modules {args.lora_modules or 'every linear'}"
+            if args.lora_enable else "off")
+    steps = f"{state['global_step']} of {state['max_steps']}" if state else "unknown (no trainer_state.json)"
+    return "\n".join([
+        f"- **vision tower** `{base['vision']}` @ {base['vision_revision'] or 'default'}, fingerprint `{fp['vision']}`",
+        f"- **LLM** `{base['llm']}` @ {base['llm_revision'] or 'default'}, fingerprint `{fp['llm']}`",
+        f"- **connector** `{args.connector}`; **LoRA** {lora}",
+        f"- **weights** {args.dtype}" + (f", QLoRA {args.bits}-bit {args.quant_type}" if args.bits < 16 else ""),
+        f"- **training steps** {steps}" + (f"; started from `{manifest['parent']}`" if manifest.get("parent") else ""),
+        "", "**What trained** (the freeze table)", "```text", models["freeze_table"], "```",
+    ])
+
+
+def read_images(paths: list[str]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            with Image.open(path) as probe:  # the header only: refuse huge images before decoding
+                width, height = probe.size
+            if width * height > MAX_PIXELS:
+                raise PageError(f"{name} is {width}x{height}: more than {MAX_PIXELS:,} pixels. Resize it.")
+            images.append(load_image(path))
+        except (OSError, DataError, Image.DecompressionBombError) as error:  # unreadable, truncated
+            raise PageError(f"{name} cannot be read as an image ({error}).") from error
+    return images
+
+
+def build_prompt(question: str, images: list) -> list[dict]:
+    """infer.py's --prompt rule: markers where the question puts them, else one per image first."""
+    messages = [{"role": "user", "content": question}]
+    if VIDEO_MARKER in question:  # the images are a video's frames, in time order
+        messages = expand_video_marker(messages, len(images))
+    messages = add_image_markers(messages, len(images))
+    markers = messages[0]["content"].count(IMAGE_MARKER)
+    if markers != len(images):
+        raise PageError(
+            f"The question has {markers} `{IMAGE_MARKER}` marker(s) for {len(images)} image(s): upload one image "
+            f"per marker, or remove the markers and the images all go before the question."
+        )
+    return messages
+
+
+def answer(models: dict, gallery, question: str, max_new_tokens: int, mode: str, temperature: float):
+    """Gradio handler -> (fine-tuned answer, base answer, status Markdown)."""
+    try:
+        if not (question or "").strip():
+            raise PageError("Type a question first.")
+        images = read_images([item[0] for item in gallery or []])
+        prompt = [(build_prompt(question, images), images)]
+    except PageError as error:
+        return "", "", f"**Error:** {error}"
+    sampling = {"do_sample": mode == "sample", "temperature": temperature}
+    answers = [
+        generate_answers(m, models["tokenizer"], models["image_processor"], prompt, int(max_new_tokens), **sampling)[0]
+        if m is not None else "(not loaded: --compare_base false)"
+        for m in (models["finetuned"], models["base"])
+    ]
+    notes = [] if images else ["No image: asked as a text-only question."]
+    notes += [f"The {name} model answered nothing (it ended the answer at once)."
+              for name, text in zip(("fine-tuned", "base"), answers, strict=True) if not text]
+    return answers[0], answers[1], " ".join(notes)
+
+
+def pick_record(records: list[dict], image_folder: str | None, num_frames: int, index):
+    """A --data record -> (its images or frames, its first question, expected answer, status)."""
+    if index is None:
+        return gr.skip(), gr.skip(), gr.skip(), ""
+    try:
+        # record_messages is how training and infer.py --data read a record: same markers, frames.
+        messages, paths = record_messages(records[int(index)], image_folder, num_frames)
+    except DataError as error:
+        return None, "", "", f"**Error:** this record cannot be read: {error}"
+    user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    expected = next((m["content"] for m in messages if m["role"] == "assistant"), "")
+    return paths, user, expected, ""
+
+
+def _record_label(record: dict) -> str:
+    first_turn = " ".join(record["conversations"][0]["value"].split()) if record["conversations"] else ""
+    return f"{record['id']}: {first_turn[:70]}"
+
+
+def build_page(models: dict, args: WebDemoArguments, records: list[dict] | None = None) -> gr.Blocks:
+    failed = "error" in models
+    records = None if failed else records
+    with gr.Blocks(title="vlm-finetune: what fine-tuning did", analytics_enabled=False) as page:
+        gr.Markdown(f"# What fine-tuning did\nCheckpoint `{args.checkpoint}`: the same question to the "
+                    "fine-tuned model and to its base.")
+        status = gr.Markdown(f"**Error:** {models['error']}" if failed else "", elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                if records:
+                    choices = [(_record_label(r), str(i)) for i, r in enumerate(records)]
+                    picker = gr.Dropdown(choices, value=None, label=f"A record of {os.path.basename(args.data)}",
+                                         elem_id="picker")
+                gallery = gr.Gallery(label="Images (in <image> order)", type="filepath", file_types=["image"],
+                                     interactive=True, columns=4, height=240, preview=False,
+                                     fit_columns=False, object_fit="contain", elem_id="images")
+                question = gr.Textbox(label="Question", lines=2, elem_id="question",
+                                      placeholder="What color are the shapes?  (<image> marks where an image goes)")
+                expected = gr.Textbox(label="Expected answer (from the data)", interactive=False,
+                                      visible=bool(records), elem_id="expected")
+                with gr.Accordion("Generation settings", open=False):
+                    max_new_tokens = gr.Slider(1, 512, value=InferArguments.max_new_tokens, step=1,
+                                               label="max new tokens (infer.py's default)")
+                    mode = gr.Radio(["greedy", "sample"], value="greedy", label="decoding")
+                    temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (sample only)")
+                ask = gr.Button("Ask both", variant="primary", interactive=not failed, elem_id="ask")
+                with gr.Row():
+                    finetuned_box = gr.Textbox(label="fine-tuned", interactive=False, lines=3, elem_id="finetuned")
+                    base_box = gr.Textbox(label="base (no delta)", interactive=False, lines=3, elem_id="base")
+            with gr.Column(scale=2):
+                gr.Markdown("## The checkpoint")
+                if failed:
+                    gr.Markdown("Not loaded: see the error above.")
+                else:
+                    history, state = loss_history(args.checkpoint)
+                    gr.Markdown(describe(models, state), elem_id="checkpoint-info")
+                    if history is not None:
+                        two_series = history["series"].nunique() > 1  # a legend only for train + eval
+                        gr.LinePlot(history, x="step", y="loss", color="series" if two_series else None,
+                                    title="loss", height=260, elem_id="loss-plot")
+                    else:
+                        gr.Markdown("No loss history: trainer_state.json is absent (a run before "
+                                    "train.py saved it).")
+        if not failed:
+            inputs = [gallery, question, max_new_tokens, mode, temperature]
+            ask.click(partial(answer, models), inputs, [finetuned_box, base_box, status])
+            if records:  # an upload replaces the record's images: its expected answer no longer applies
+                gallery.upload(lambda: "", None, expected)
+                picker.input(partial(pick_record, records, args.image_folder, args.num_frames),
+                             picker, [gallery, question, expected, status])
+    return page
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(WebDemoArguments, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
+    models = load_models(args)
+    records = None
+    if args.data:
+        try:
+            records = read_records(args.data)
+        except (DataError, OSError) as error:  # a command-line mistake: said at once, not in the page
+            raise SystemExit(f"--data {args.data}: {error}") from error
+    page = build_page(models, args, records)
+    # The picker shows --data's images: Gradio serves only folders it is told about.
+    allowed = [os.path.abspath(args.image_folder or ".")] if records else None
+    # show_error=False: an unexpected exception reaches the page as "Error", never as its text.
+    # ssr_mode=False: no Node server beside Python. Gradio queues each event one at a time, so
+    # the two models never generate for two visitors at once.
+    page.launch(server_name=args.host, server_port=args.port, share=False, show_error=False,
+                max_file_size=MAX_UPLOAD, allowed_paths=allowed, ssr_mode=False, theme=THEME, css=CSS)
+
+
+if __name__ == "__main__":
+    main()
