@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from config import ModelArguments
 from model.build import build_model, load_processors
 from model.freeze import apply_freeze_policy, is_lora
-from model.sharding import gathered
+from model.sharding import full_shape, gathered
 
 FORMAT_VERSION = 1
 MANIFEST = "vlm_manifest.json"
@@ -67,12 +67,12 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     """
     os.makedirs(out_dir, exist_ok=True)
     full = dict(model.named_parameters()) if state_dict is None else state_dict
-    tensors = {name: _full_tensor(full, name, model) for name in delta_names(model)}
+    tensors = {name: _full_tensor(full, name) for name in delta_names(model)}
     save_file(tensors, os.path.join(out_dir, DELTA), metadata={"format": "pt"})
     for component, module in _adapted_modules(model).items():
         prefix = ADAPTER_PREFIXES[component]
         adapter_state = None if state_dict is None else {
-            key[len(prefix):]: _full_tensor(full, key, model) for key in full if key.startswith(prefix) and is_lora(key)
+            key[len(prefix):]: _full_tensor(full, key) for key in full if key.startswith(prefix) and is_lora(key)
         }
         module.save_pretrained(os.path.join(out_dir, ADAPTERS[component]), state_dict=adapter_state)
     if tokenizer is not None and tokenizer.chat_template:
@@ -108,11 +108,7 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     os.replace(tmp, os.path.join(out_dir, MANIFEST))
 
 
-def _full_shape(param: torch.Tensor) -> torch.Size:
-    return getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard is empty; DeepSpeed keeps the shape
-
-
-def _full_tensor(full: dict, name: str, model) -> torch.Tensor:
+def _full_tensor(full: dict, name: str) -> torch.Tensor:
     """A delta tensor is never empty: a ZeRO-3 shard saved as it is cannot be loaded anywhere."""
     tensor = full.get(name)
     if tensor is None or tensor.numel() == 0:
@@ -202,9 +198,9 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
     missing = sorted(set(manifest["tensors"]) - set(tensors))
     unknown = sorted(set(tensors) - set(params))
     misshapen = sorted(
-        f"{n} {tuple(t.shape)} vs model {tuple(_full_shape(params[n]))}"
+        f"{n} {tuple(t.shape)} vs model {tuple(full_shape(params[n]))}"
         for n, t in tensors.items()
-        if n in params and _full_shape(params[n]) != t.shape
+        if n in params and full_shape(params[n]) != t.shape
     )
     problems = []
     if missing:

@@ -21,6 +21,10 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard is empty; DeepSpeed keeps the shape
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the weights are ZeRO-3 or FSDP shards: only all ranks together can run the model."""
     return any(is_partitioned(p) or isinstance(p, DTensor) for p in model.parameters())

@@ -17,28 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import DELTA, load_checkpoint, read_manifest
+from tests.helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, torchrun_train
 
 deepspeed = pytest.importorskip("deepspeed", reason="pip install -r requirements-deepspeed.txt (CI does)")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "deepspeed", "*.json")))
-LORA_AND_CONNECTOR = ["--freeze_vit", "true", "--freeze_llm", "true", "--lora_enable", "true"]
-
-
-def train(nproc: int, tiny_base, demo_data, out, *extra) -> str:
-    argv = [
-        TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "train.py", "configs/demo.yaml",
-        "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
-        "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
-        "--eval_data_path", "", "--output_dir", str(out), "--max_steps", "3", "--warmup_steps", "0",
-        "--disable_tqdm", "true", "--per_device_train_batch_size", str(4 // nproc), *extra,
-    ]
-    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +37,9 @@ def zero3_everything_partitioned(tmp_path_factory) -> str:
 
 
 def test_zero2_trains_the_weights_of_one_process(tiny_base, demo_data, tmp_path):
-    train(1, tiny_base, demo_data, tmp_path / "one", "--freeze_vit", "true")
-    train(2, tiny_base, demo_data, tmp_path / "zero2", "--freeze_vit", "true",
-          "--deepspeed", "configs/deepspeed/zero2.json")
+    torchrun_train(1, tiny_base, demo_data, tmp_path / "one", "--freeze_vit", "true")
+    torchrun_train(2, tiny_base, demo_data, tmp_path / "zero2", "--freeze_vit", "true",
+                   "--deepspeed", "configs/deepspeed/zero2.json")
     one, zero2 = load_file(tmp_path / "one" / DELTA), load_file(tmp_path / "zero2" / DELTA)
     assert set(one) == set(zero2) and any(k.startswith("llm.") for k in one)
     for name in one:
@@ -68,7 +51,7 @@ def test_zero3_lora_and_connector_delta_is_whole_and_loads(
     tiny_base, demo_data, tmp_path, zero3_everything_partitioned
 ):
     out = tmp_path / "zero3"
-    stdout = train(2, tiny_base, demo_data, out, *LORA_AND_CONNECTOR, "--deepspeed", zero3_everything_partitioned)
+    stdout = torchrun_train(2, tiny_base, demo_data, out, *LORA_AND_CONNECTOR, "--deepspeed", zero3_everything_partitioned)
     # The freeze table counts shards by their full size (DeepSpeed's ds_numel), not as empty.
     assert "vision     frozen              78,208" in stdout, stdout
 
@@ -88,7 +71,7 @@ def test_zero3_lora_and_connector_delta_is_whole_and_loads(
     result = subprocess.run(
         [sys.executable, "infer.py", "--checkpoint", str(out), "--data", demo_data["eval"],
          "--image_folder", demo_data["image_folder"]],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 0 and "accuracy:" in result.stdout, result.stderr[-3000:]
 
@@ -98,9 +81,9 @@ def test_init_from_writes_the_parent_delta_into_zero3_shards(
 ):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     # Stage 1 trains the connector alone; stage 2 freezes it and adds LoRA, all under ZeRO-3.
-    train(2, tiny_base, demo_data, stage1, "--freeze_vit", "true", "--freeze_llm", "true",
+    torchrun_train(2, tiny_base, demo_data, stage1, "--freeze_vit", "true", "--freeze_llm", "true",
           "--deepspeed", zero3_everything_partitioned)
-    train(2, tiny_base, demo_data, stage2, *LORA_AND_CONNECTOR, "--freeze_qformer", "true",
+    torchrun_train(2, tiny_base, demo_data, stage2, *LORA_AND_CONNECTOR, "--freeze_qformer", "true",
           "--init_from", str(stage1), "--deepspeed", zero3_everything_partitioned)
     parent, child = load_file(stage1 / DELTA), load_file(stage2 / DELTA)
     assert set(parent) <= set(child)
