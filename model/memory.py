@@ -15,7 +15,8 @@ input; norms, attention (SDPA: q, k, v, output, log-sum-exp) and the MLP's activ
 inputs whenever a gradient has to flow through them. A frozen vision tower runs under no_grad
 and keeps nothing. With gradient checkpointing a block keeps only its input, and the peak adds
 one block recomputed during backward. The loss adds the fp32 log-softmax of the logits and, at
-the start of backward, two more logits-sized fp32 gradients.
+the start of backward, two more logits-sized fp32 gradients; a training step computes logits only
+at the positions that have a label (`supervised_tokens`, all of them unless given).
 
 Not counted: the framework itself (CUDA context, kernels, Python), allocator fragmentation,
 DeepSpeed/FSDP sharding (the plan is per device, unsharded), and data loading.
@@ -289,10 +290,16 @@ def plan_memory(
     seq_len: int,
     gradient_checkpointing: bool,
     images_per_sample: int = 1,
+    supervised_tokens: int | None = None,
+    padded: bool | None = None,
 ) -> MemoryPlan:
     """The memory one device needs to train `model` (built and frozen) on batches of
     `batch_size` samples of `seq_len` tokens each, image tokens included (`--max_length` counts
-    them: a sample of T text tokens and k images is T + k * model.num_image_tokens long)."""
+    them: a sample of T text tokens and k images is T + k * model.num_image_tokens long).
+
+    `supervised_tokens`: positions of a batch whose next token has a label; a training step
+    computes the logits and the loss there only (default: every position, an upper bound).
+    `padded`: whether batches are padded (default: batch_size > 1, as the collator pads)."""
     image_tokens = images_per_sample * model.num_image_tokens
     if seq_len <= image_tokens:
         raise ValueError(
@@ -336,7 +343,7 @@ def plan_memory(
     blocks = _blocks(llm)
     embeddings_train = llm.get_input_embeddings().weight.requires_grad
     first = 0 if (upstream_trains or embeddings_train) else min(blocks, default=config.num_hidden_layers)
-    padded = batch_size > 1  # the collator pads to the longest sample in the batch
+    padded = batch_size > 1 if padded is None else padded  # the collator pads to the longest sample
     per_block = [
         _block_bytes(shape, blocks.get(index, _Block()), index >= first, seq_len, act, mask, padded) * tokens
         for index in range(config.num_hidden_layers)
@@ -351,13 +358,14 @@ def plan_memory(
         p.requires_grad for n, p in llm.named_parameters() if "norm" in n and not _LAYER.search(n)
     )
     head_trains = llm.get_output_embeddings().weight.requires_grad
-    head += act * shape.hidden * tokens * (final_norm_trains + head_trains)
+    rows = tokens if supervised_tokens is None else supervised_tokens  # where logits are computed
+    head += act * shape.hidden * (tokens * final_norm_trains + rows * head_trains)
     head += 8 * tokens * embeddings_train  # the embedding lookup keeps its int64 indices
     vocab = config.vocab_size
-    log_softmax = 4 * tokens * vocab + 8 * tokens  # fp32 log-probabilities, int64 labels
+    log_softmax = 4 * rows * vocab + 8 * rows  # fp32 log-probabilities, int64 labels
     loss_working = max(
-        act * tokens * vocab + (4 * tokens * vocab if act != 4 else 0),  # logits (+ fp32 copy)
-        2 * 4 * tokens * vocab,  # backward: d(nll) and d(log_softmax), both fp32
+        act * rows * vocab + (4 * rows * vocab if act != 4 else 0),  # logits (+ fp32 copy)
+        2 * 4 * rows * vocab,  # backward: d(nll) and d(log_softmax), both fp32
     )
     padding_mask = batch_size * seq_len * seq_len if padded else 0  # the boolean [B, 1, L, L]
     rotary = any("rotary" in n for n, _ in llm.named_modules())

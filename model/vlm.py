@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.num_image_tokens = num_image_tokens
         self.image_token_index = IMAGE_TOKEN_INDEX
+        # transformers' causal LMs take a boolean [B, L] `logits_to_keep` (slice_logits_to_keep);
+        # an LLM whose forward lacks it gets the LM head at every position.
+        self.head_at_labels_only = "logits_to_keep" in inspect.signature(type(llm).forward).parameters
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -75,13 +80,28 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
-        """Returns the LLM's output (loss when labels are given, logits [B, L, V]).
+        """Returns the LLM's output: logits [B, L, V], and the loss when labels are given. A
+        training step (labels, gradients on, training mode) gets logits [N, V] of only the N
+        positions whose next token has a label, the ones its loss reads.
 
         `**kwargs` carries the Trainer's `num_items_in_batch` to the LLM's loss: dropping it
         makes the Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is None or not (self.training and torch.is_grad_enabled() and self.head_at_labels_only):
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        else:
+            # The LM head and the loss at the labelled positions only: image tokens and prompt
+            # (most of a LLaVA sample) would cost [B, L, V] logits, kept in fp32 for the
+            # backward, that no loss reads. Position t predicts token t + 1.
+            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]
+            keep = shift_labels != -100  # [B, L]
+            num_items = kwargs.pop("num_items_in_batch", None)
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+            out.loss = self.llm.loss_function(  # logits [N, V]
+                out.logits, None, self.llm.config.vocab_size, num_items_in_batch=num_items,
+                shift_labels=shift_labels[keep],
+            )
         if labels is not None and not (labels[:, 1:] != -100).any():
             # Every label masked (after the shift): the LLM's loss is 0/0 = NaN, which would
             # poison the weights. A zero that keeps the graph (every rank still syncs) instead.

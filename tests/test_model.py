@@ -79,7 +79,8 @@ def test_forward_and_backward(request, tower, connector):
         labels=labels,
     )
     vocab_size = model.llm.config.vocab_size
-    assert out.logits.shape == (2, input_ids.shape[1], vocab_size)
+    # A training step computes logits only where the next token has a label.
+    assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), vocab_size)
     assert torch.isfinite(out.loss)
     assert out.loss.item() > 0
 
@@ -91,6 +92,47 @@ def test_forward_and_backward(request, tower, connector):
     no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
     assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 11])
+def test_head_at_labelled_positions_gives_the_full_heads_loss_and_gradients(tiny_base, num_items_in_batch):
+    """A training step runs the LM head only where the next token has a label. Same loss, same
+    gradients as the head at every position (the LLM's own loss over [B, L, V] logits); with the
+    Trainer's `num_items_in_batch` too. Unlabelled rows: the image block, the prompt, padding."""
+    model, args = build(tiny_base, freeze_vit=False, freeze_qformer=False, freeze_llm=False)
+    apply_freeze_policy(model, args)
+    model.train()  # the tiny base has no dropout: train mode is deterministic
+    input_ids = torch.tensor(
+        [sequence(model.num_image_tokens, 3, 9, seed=1), sequence(model.num_image_tokens, 7, 5, seed=2)]
+    )
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, -100)
+    labels[:, :2] = -100  # a prompt
+    labels[1, -3:] = -100  # padding at the end of the second row
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=random_pixels(2, seed=0),
+        labels=labels,
+    )
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+
+    def loss_and_grads(labelled_only: bool):
+        model.head_at_labels_only = labelled_only
+        model.zero_grad()
+        out = model(**batch, **extra)
+        out.loss.backward()
+        rows = int((labels[:, 1:] != -100).sum())
+        assert out.logits.shape[:-1] == ((rows,) if labelled_only else tuple(input_ids.shape))
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert model.head_at_labels_only  # a transformers causal LM takes a boolean logits_to_keep
+    full_loss, full_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_image_features_are_written_at_image_positions(clip_mlp_model):

@@ -1,0 +1,89 @@
+"""scripts/bench.py on the tiny shape: one row per side with every field present and sane, and the
+ours/peer line. Speed is measured by hand (docs/benchmarks.md), never asserted here."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from scripts import bench
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--shape", "tiny", "--recipe", "lora", "--warmup_steps", "1", "--steps", "2", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> str:
+    """The tiny shape built here, in this process (transformers is loaded already), so the two
+    runs below start no build process of their own."""
+    path = str(tmp_path_factory.mktemp("bench"))
+    args = bench.BenchArguments(shape="tiny", dtype="float32", workdir=path)
+    name, shape = bench.load_shape("tiny")
+    bench.build_base(bench.base_dir(args, name, shape), shape, "float32")
+    return path
+
+
+def run_bench(workdir: str, *extra: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "scripts/bench.py", *ARGS, "--workdir", workdir, *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout.splitlines()
+
+
+def rows(lines: list[str]) -> dict[str, dict[str, str]]:
+    """side -> {column: value} of the table under the header."""
+    names = bench.HEADER.split()
+    start = lines.index(bench.HEADER) + 1
+    table = {}
+    for line in lines[start:]:
+        words = line.split()
+        if len(words) != len(names) or words[0] != "lora":
+            break
+        table[words[1]] = dict(zip(names, words, strict=True))
+    return table
+
+
+def check_row(row: dict[str, str]) -> None:
+    numbers = {k: float(v) for k, v in row.items() if k not in ("recipe", "side")}
+    assert all(math.isfinite(v) and v > 0 for v in numbers.values()), numbers
+    assert 0 < numbers["MFU"] <= 1
+    # Throughput and FLOP/s are the step time seen three ways (the table rounds each).
+    assert numbers["samples/s"] == pytest.approx(2 / numbers["step_s"], rel=0.03)
+    assert numbers["tokens/s"] == pytest.approx(2 * 48 / numbers["step_s"], rel=0.03)
+    assert numbers["GFLOP/s"] == pytest.approx(numbers["GFLOP/step"] / numbers["step_s"], rel=0.05)
+    assert numbers["peak/plan"] == pytest.approx(numbers["peak_MiB"] / numbers["plan_MiB"], abs=0.01)
+    assert numbers["peak_MiB"] > numbers["step_MiB"]  # the weights and optimizer states are in it
+    assert numbers["rss_MiB"] > numbers["peak_MiB"]  # the process holds its tensors, and libtorch
+
+
+def test_bench_prints_our_row(workdir):
+    lines = run_bench(workdir)
+    assert lines[0].startswith("bench: shape tiny, batch 2 x 48 tokens")
+    table = rows(lines)
+    assert list(table) == ["ours"]
+    check_row(table["ours"])
+    assert not any("ours/peer" in line for line in lines)
+
+
+def test_bench_peer_prints_both_rows_and_the_ratios(workdir):
+    lines = run_bench(workdir, "--peer")
+    table = rows(lines)
+    assert list(table) == ["ours", "peer"]
+    for row in table.values():
+        check_row(row)
+    # The same weights, batches and recipe on both sides: the same first loss.
+    assert float(table["ours"]["loss0"]) == pytest.approx(float(table["peer"]["loss0"]), abs=1e-3)
+    (ratio,) = [line for line in lines if "ours/peer" in line]
+    match = re.fullmatch(r"lora ours/peer step-time (\S+) memory (\S+) rss (\S+)", ratio)
+    assert match, ratio
+    step_ratio, memory_ratio, rss_ratio = map(float, match.groups())
+    assert step_ratio == pytest.approx(float(table["ours"]["step_s"]) / float(table["peer"]["step_s"]), rel=0.03)
+    assert memory_ratio == pytest.approx(float(table["ours"]["peak_MiB"]) / float(table["peer"]["peak_MiB"]), rel=0.01)
+    assert rss_ratio == pytest.approx(float(table["ours"]["rss_MiB"]) / float(table["peer"]["rss_MiB"]), rel=0.01)
