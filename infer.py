@@ -2,6 +2,7 @@
 
     python infer.py --checkpoint outputs/demo --image photo.png --prompt "What color are the shapes?"
     python infer.py --checkpoint outputs/demo --image a.png b.png --prompt "<image> vs <image>: which is red?"
+    python infer.py --checkpoint outputs/demo --video clip.mp4 --num_frames 8 --prompt "What happens?"
     python infer.py --checkpoint outputs/demo --video frames/ --num_frames 8 --prompt "What happens?"
     python infer.py --checkpoint outputs/demo --data eval.json --image_folder DIR --output preds.jsonl
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from data.dataset import load_image, read_records, video_frame_paths
+from data.dataset import read_records
+from data.media import load_image, load_video_frames
 from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
 from model.checkpoint import load_checkpoint
 from predict import accuracy, generate_answers, predict_records
@@ -28,7 +30,9 @@ class InferArguments:
     image: list[str] | None = field(
         default=None, metadata={"help": "Image file(s) for --prompt, in the order of its <image> markers."}
     )
-    video: str | None = field(default=None, metadata={"help": "A folder of frame images for --prompt."})
+    video: str | None = field(
+        default=None, metadata={"help": "A video file (mp4, ...) or a folder of frames for --prompt."}
+    )
     num_frames: int = field(default=8, metadata={"help": "Frames sampled from a video."})
     prompt: str | None = field(default=None, metadata={"help": "The question."})
     data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl to answer."})
@@ -54,8 +58,8 @@ def main(argv=None):
     if args.prompt is not None:
         messages = [{"role": "user", "content": args.prompt}]
         if args.video:
-            frames = video_frame_paths(args.video, args.num_frames)
-            images, messages = [load_image(p) for p in frames], expand_video_marker(messages, len(frames))
+            images = load_video_frames(args.video, args.num_frames)
+            messages = expand_video_marker(messages, len(images))
         else:
             images = [load_image(path) for path in args.image or []]
             messages = add_image_markers(messages, len(images))

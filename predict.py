@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from data.dataset import load_image, record_messages
+from data.dataset import record_messages
+from data.media import load_record_media
 from data.prompt import tokenize_prompt
 
 
@@ -48,8 +49,8 @@ def generate_answers(
 
 def first_question(record: dict, image_folder: str | None, num_frames: int = 8) -> tuple[list[dict], list, str | None]:
     """(messages up to the first answer, images or video frames, expected answer) of a record."""
-    messages, paths = record_messages(record, image_folder, num_frames)
-    images = [load_image(p) for p in paths]
+    messages = record_messages(record, image_folder, num_frames)
+    images = load_record_media(record, image_folder, num_frames)
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     expected = messages[first_answer]["content"] if first_answer < len(messages) else None
     return messages[:first_answer], images, expected

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from data.dataset import ImageError, image_too_large, load_image, resolve_image_path, video_frame_paths
+from data.media import (
+    ImageError,
+    image_too_large,
+    is_video_file,
+    load_image,
+    load_video_frames,
+    resolve_image_path,
+    video_frame_paths,
+    video_length,
+)
 from data.prompt import (
     IGNORE_INDEX,
     IMAGE_MARKER,
@@ -36,7 +45,7 @@ from data.prompt import (
 )
 from data.records import DataError, iter_records
 
-VERSION = 1  # part of the cache key: a change of the checks re-checks every file
+VERSION = 2  # part of the cache key: a change of the checks re-checks every file
 
 # What each kind of problem does: "fatal" stops training whatever the flags (the file or the
 # template is wrong, not a record); "error" stops it unless --skip_bad_samples; "dropped" is
@@ -193,7 +202,7 @@ def check_conversation(conversations, num_images: int, video: bool = False) -> l
 def _image_names(record: dict) -> tuple[list[str], str | None]:
     images, video = record.get("image"), record.get("video")
     if video is not None and not (isinstance(video, str) and images is None):
-        return [], "'video' must be one folder name, in a record without 'image'"
+        return [], "'video' must be one folder of frames or one video file, in a record without 'image'"
     if images is None:
         return [], None
     if isinstance(images, str):
@@ -220,6 +229,16 @@ def check_image(path: str) -> tuple[str, str] | None:
         return "huge_image", str(image_too_large(path, e))
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         return "corrupt_image", f"corrupt or truncated image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+def check_video_file(path: str, num_frames: int) -> tuple[str, str] | None:
+    """(kind, reason) when the sampled frames of the video file at `path` cannot be decoded as
+    training decodes them (`load_video_frames`)."""
+    try:
+        load_video_frames(path, num_frames)
+    except ImageError as e:
+        return "bad_video", str(e)
     return None
 
 
@@ -274,8 +293,11 @@ def validate_data_file(
             problems.append(("image_path", str(e)))
         if video is not None and paths:
             try:
-                paths = video_frame_paths(paths[0], num_frames)
-                num_video_frames = len(paths)
+                if is_video_file(paths[0]):  # the file is decoded below, with the images
+                    num_video_frames = video_length(paths[0], num_frames)
+                else:
+                    paths = video_frame_paths(paths[0], num_frames)
+                    num_video_frames = len(paths)
             except ImageError as e:
                 problems.append(("bad_video", str(e)))
                 paths = []
@@ -308,7 +330,11 @@ def validate_data_file(
 
     paths = sorted(images_of)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for path, result in zip(paths, pool.map(check_image, paths), strict=True):
+        checks = pool.map(
+            lambda path: check_video_file(path, num_frames) if is_video_file(path) else check_image(path),
+            paths,
+        )
+        for path, result in zip(paths, checks, strict=True):
             if result is not None:
                 for raw in images_of[path]:
                     add(raw, *result)

@@ -33,7 +33,8 @@ from PIL import Image  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 
 from config import ConfigError  # noqa: E402
-from data.dataset import load_image, read_records, record_messages  # noqa: E402
+from data.dataset import read_records, record_messages  # noqa: E402
+from data.media import load_image, record_media  # noqa: E402
 from data.prompt import IMAGE_MARKER, VIDEO_MARKER, add_image_markers, expand_video_marker  # noqa: E402
 from data.records import DataError  # noqa: E402
 from infer import InferArguments  # noqa: E402
@@ -190,12 +191,13 @@ def pick_record(records: list[dict], image_folder: str | None, num_frames: int, 
         return gr.skip(), gr.skip(), gr.skip(), ""
     try:
         # record_messages is how training and infer.py --data read a record: same markers, frames.
-        messages, paths = record_messages(records[int(index)], image_folder, num_frames)
+        messages = record_messages(records[int(index)], image_folder, num_frames)
+        media = record_media(records[int(index)], image_folder, num_frames)  # paths, or a video file's frames
     except DataError as error:
         return None, "", "", f"**Error:** this record cannot be read: {error}"
     user = next((m["content"] for m in messages if m["role"] == "user"), "")
     expected = next((m["content"] for m in messages if m["role"] == "assistant"), "")
-    return paths, user, expected, ""
+    return media, user, expected, ""
 
 
 def _record_label(record: dict) -> str:
@@ -216,7 +218,7 @@ def build_page(models: dict, args: WebDemoArguments, records: list[dict] | None 
                     choices = [(_record_label(r), str(i)) for i, r in enumerate(records)]
                     picker = gr.Dropdown(choices, value=None, label=f"A record of {os.path.basename(args.data)}",
                                          elem_id="picker")
-                gallery = gr.Gallery(label="Images (in <image> order)", type="filepath", file_types=["image"],
+                gallery = gr.Gallery(label="Images (in <image> order)", type="filepath", file_types=["image"], format="png",
                                      interactive=True, columns=4, height=240, preview=False,
                                      fit_columns=False, object_fit="contain", elem_id="images")
                 question = gr.Textbox(label="Question", lines=2, elem_id="question",

@@ -12,13 +12,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import save_video
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from config import DataArguments
-from data.dataset import Collator, ImageError, SupervisedDataset, load_image, read_records, video_frame_paths
+from data.dataset import Collator, SupervisedDataset, read_records
+from data.media import ImageError, load_image, video_frame_paths
 from data.prompt import (
     IGNORE_INDEX,
     IMAGE_MARKER,
@@ -627,6 +629,72 @@ def test_a_corrupt_frame_names_the_video_record(check, tmp_path, folder):
     assert "frame_1.png" in problem.reason and problem.record_id == "bad"
 
 
+# --- video files (mp4), decoded by transformers' load_video (PyAV) --------------------------------
+
+
+def frame_number(image) -> int:
+    red, green, blue = pixel(image, (image.width // 2, image.height // 2))
+    assert green < 10 and blue < 10
+    return round(red / 40)
+
+
+def test_video_file_frames_are_sampled_uniformly(tmp_path):
+    from data.media import load_video_frames, video_length
+
+    clip = save_video(str(tmp_path / "clip.mp4"), 6)
+    assert video_length(clip, 3) == 3 and video_length(clip, 50) == 6  # read from the header
+    # Middles of 3 equal segments of 6 frames, as for a folder of frames.
+    assert [frame_number(f) for f in load_video_frames(clip, 3)] == [1, 3, 5]
+    assert [frame_number(f) for f in load_video_frames(clip, 50)] == [0, 1, 2, 3, 4, 5]
+    assert all(f.mode == "RGB" and f.size == (48, 48) for f in load_video_frames(clip, 2))
+
+
+def damage(path, how: str) -> None:
+    data = open(path, "rb").read() if os.path.exists(path) else b""
+    if how == "missing":
+        os.remove(path)
+        return
+    with open(path, "wb") as f:
+        f.write({"garbage": b"not a video " * 50, "empty": b"", "truncated": data[: len(data) // 3]}[how])
+
+
+@pytest.mark.parametrize(
+    "how, named",
+    [
+        ("missing", "no such file"),
+        ("empty", "zero-byte file"),
+        ("garbage", "unreadable"),
+        ("truncated", "clip.mp4"),
+    ],
+)
+def test_bad_video_files_name_the_record(check, tmp_path, folder, how, named):
+    damage(save_video(os.path.join(folder, "clip.mp4"), 4), how)
+    row = {
+        "id": "bad",
+        "video": "clip.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nWhat color?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
+    problem = only_problem(check(bad_file_with(tmp_path, folder, row), folder), "bad_video")
+    assert named in problem.reason and "clip.mp4" in problem.reason and problem.record_id == "bad"
+
+
+def test_a_video_file_that_decodes_short_is_refused(tmp_path, monkeypatch):
+    """A file whose header declares more frames than decode (cut mid-stream): the prompt would
+    hold more <image> blocks than frames, so it is an error, never a crash mid-training."""
+    import transformers.video_utils
+
+    from data.media import load_video_frames
+
+    clip = save_video(str(tmp_path / "clip.mp4"), 6)
+    real = transformers.video_utils.load_video
+    monkeypatch.setattr(transformers.video_utils, "load_video", lambda *a, **k: (real(*a, **k)[0][:1], None))
+    with pytest.raises(ImageError, match="decoded 1 of the 3 frames sampled"):
+        load_video_frames(clip, 3)
+
+
 # --- train.py and infer.py, end to end: single, multi-image, video and text-only records ---------
 
 RED, BLUE = (220, 40, 40), (40, 70, 220)
@@ -635,7 +703,7 @@ RED, BLUE = (220, 40, 40), (40, 70, 220)
 @pytest.fixture(scope="module")
 def mixed_run(tiny_base, tmp_path_factory):
     """train.py on one record of each kind plus a bad one: refused, then trained with
-    --skip_bad_samples (two steps of two: every record goes through forward and backward)."""
+    --skip_bad_samples (three steps of two: every record goes through forward and backward)."""
     import train
 
     root = tmp_path_factory.mktemp("mixed")
@@ -643,6 +711,7 @@ def mixed_run(tiny_base, tmp_path_factory):
     save_image(os.path.join(media, "red.png"), size=(48, 48), color=RED)
     save_image(os.path.join(media, "blue.png"), size=(48, 48), color=BLUE)
     save_frames(os.path.join(media, "clip"), 5)
+    save_video(os.path.join(media, "movie.mp4"), 6)
     rows = [
         record("single", image="red.png"),
         {"id": "two", "image": ["red.png", "blue.png"], "conversations": [
@@ -651,6 +720,8 @@ def mixed_run(tiny_base, tmp_path_factory):
             {"from": "gpt", "value": "blue"}]},
         {"id": "video", "video": "clip", "conversations": [
             {"from": "human", "value": "<video>\nWhat color are the shapes?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "movie", "video": "movie.mp4", "conversations": [
+            {"from": "human", "value": "What color are the shapes?"}, {"from": "gpt", "value": "red"}]},
         record("text", image=None),
         record("bad", image="nope.png"),
     ]
@@ -661,7 +732,7 @@ def mixed_run(tiny_base, tmp_path_factory):
         "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", path, "--image_folder", media, "--eval_data_path", "", "--num_frames", "2",
         "--data_check_cache", str(root / "cache"), "--output_dir", out,
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--group_by_modality_length", "true",
+        "--max_steps", "3", "--per_device_train_batch_size", "2", "--group_by_modality_length", "true",
     ]
     with pytest.raises(DataError) as refused:
         train.main(argv)
@@ -672,7 +743,7 @@ def mixed_run(tiny_base, tmp_path_factory):
 
 
 def test_train_refuses_bad_data_and_skip_bad_samples_trains_on_the_rest(mixed_run):
-    assert "line 5 (id bad): missing image file" in mixed_run["refused"]
+    assert "line 6 (id bad): missing image file" in mixed_run["refused"]
     assert mixed_run["refused_before_step_1"]
     assert os.path.isfile(os.path.join(mixed_run["out"], "delta.safetensors"))
     with open(os.path.join(mixed_run["out"], "skipped_records.jsonl")) as f:
@@ -690,14 +761,14 @@ def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
     from predict import predict_records
 
     model, tokenizer, image_processor, _ = mixed_checkpoint
-    records = read_records(mixed_run["data"], skip={4})
+    records = read_records(mixed_run["data"], skip={5})
     prompts = {r["id"]: first_question(r, mixed_run["media"], num_frames=2) for r in records}
-    for record_id, images in (("single", 1), ("two", 2), ("video", 2), ("text", 0)):
+    for record_id, images in (("single", 1), ("two", 2), ("video", 2), ("movie", 2), ("text", 0)):
         messages, loaded, _ = prompts[record_id]
         ids = tokenize_prompt(tokenizer, messages, model.num_image_tokens, model.image_token_index)
         assert (len(loaded), ids.count(model.image_token_index)) == (images, images * model.num_image_tokens)
     results = predict_records(model, tokenizer, image_processor, records, mixed_run["media"], num_frames=2)
-    assert [r["id"] for r in results] == ["single", "two", "video", "text"]
+    assert [r["id"] for r in results] == ["single", "two", "video", "movie", "text"]
     assert all(isinstance(r["prediction"], str) for r in results)
 
 
@@ -734,3 +805,19 @@ def test_infer_takes_a_video(mixed_run, monkeypatch):
     ((messages, images),) = calls[0]
     assert messages == [{"role": "user", "content": "<image><image>\nWhat color?"}]
     assert [pixel(image) for image in images] == [(10, 0, 0), (30, 0, 0)]  # frames 1 and 3 of 5
+
+
+def test_infer_takes_a_video_file(mixed_run, mixed_checkpoint, monkeypatch):
+    from predict import generate_answers
+
+    infer, calls = spy_on_generation(monkeypatch)
+    movie = os.path.join(mixed_run["media"], "movie.mp4")
+    infer.main(
+        ["--checkpoint", mixed_run["out"], "--video", movie, "--num_frames", "3", "--prompt", "What color?"]
+    )
+    ((messages, images),) = calls[0]
+    assert messages == [{"role": "user", "content": "<image><image><image>\nWhat color?"}]
+    assert [frame_number(image) for image in images] == [1, 3, 5]  # of 6
+    model, tokenizer, image_processor, _ = mixed_checkpoint
+    (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], max_new_tokens=4)
+    assert isinstance(answer, str)

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data.dataset import load_image
+from data.media import load_image
 from model.checkpoint import load_checkpoint
 from predict import generate_answers
 

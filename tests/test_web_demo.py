@@ -21,7 +21,9 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
+from helpers import save_video
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,8 +288,10 @@ def test_unreadable_and_huge_images_are_refused_in_words(web_demo, tmp_path):
 
 
 def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
-    """--data records as read_records gives them: "image" a list, or "video" a folder of frames."""
+    """--data records as read_records gives them: "image" a list, "video" a folder of frames or an
+    mp4 (its decoded frames go to the gallery, which keeps them as PNG: the pixels the model sees)."""
     from data.dataset import read_records
+    from data.media import load_video_frames
 
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -300,7 +304,10 @@ def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
              "conversations": [{"from": "human", "value": "<image> vs <image>: which is red?"}, {"from": "gpt", "value": "a"}]},
             {"id": "clip", "video": "clip",
              "conversations": [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "nothing"}]},
+            {"id": "movie", "video": "movie.mp4",
+             "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "it reddens"}]},
         ], f)
+    save_video(str(tmp_path / "movie.mp4"), 6)
     records = read_records(str(tmp_path / "data.json"))
     paths, question, expected, status = web_demo.pick_record(records, str(tmp_path), 3, "0")
     assert [os.path.basename(p) for p in paths] == ["a.png", "b.png"] and expected == "a" and status == ""
@@ -309,6 +316,10 @@ def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
     assert len(paths) == 3 and question.count("<image>") == 3 and expected == "nothing"
     with pytest.raises(web_demo.PageError, match="3 `<image>` marker"):
         web_demo.build_prompt(question, [])
+    frames, question, expected, status = web_demo.pick_record(records, str(tmp_path), 3, "2")
+    assert question.count("<image>") == 3 and expected == "it reddens" and status == ""
+    reference = load_video_frames(str(tmp_path / "movie.mp4"), 3)
+    assert [np.asarray(f).tolist() for f in frames] == [np.asarray(f).tolist() for f in reference]
 
 
 def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, workdir, monkeypatch):
