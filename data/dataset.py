@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from data.media import load_record_media, record_media_count
@@ -94,7 +96,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         ]
         check_fully_masked_share(sum(fully_masked), len(tokenized) - sum(too_long))
         keep = [i for i in range(len(tokenized)) if not (too_long[i] or fully_masked[i])]
-        self.records = tokenized.select(keep)
+        kept = tokenized.select(keep).flatten_indices()
+        self.input_ids, self.offsets = _flatten(kept, "input_ids")  # [total tokens], [samples + 1]
+        self.labels, _ = _flatten(kept, "labels")
+        self.media = kept.select_columns(["image", "video"]).to_list()  # names only, per sample
         self.num_dropped = len(tokenized) - len(keep)
         if sum(too_long):
             print(f"Dropped {sum(too_long)} of {len(tokenized)} records longer than max_length {max_length}.")
@@ -103,24 +108,34 @@ class SupervisedDataset(torch.utils.data.Dataset):
             print(f"Dropped {sum(fully_masked)} of {len(tokenized)} records with no supervised token.")
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.media)
 
     def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.records["input_ids"]]
+        return np.diff(self.offsets).tolist()
 
     def multimodal(self) -> list[bool]:
         """Per sample: does it show images (or video frames)?"""
-        return [bool(images) or bool(video) for images, video in zip(self.records["image"], self.records["video"],
-                                                                     strict=True)]
+        return [bool(m["image"]) or bool(m["video"]) for m in self.media]
 
     def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        example = {
-            "input_ids": torch.tensor(record["input_ids"]),
-            "labels": torch.tensor(record["labels"]),
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return {
+            "input_ids": torch.from_numpy(self.input_ids[start:end].astype(np.int64)),
+            "labels": torch.from_numpy(self.labels[start:end].astype(np.int64)),
+            "images": load_record_media(self.media[i], self.image_folder, self.num_frames),
         }
-        example["images"] = load_record_media(record, self.image_folder, self.num_frames)
-        return example
+
+
+def _flatten(table: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A column of token-id lists as one flat int32 array and the offsets of its rows: a sample
+    is a slice. Formatting an Arrow row into Python lists and those into tensors cost more than
+    decoding its image; int32 halves the memory (ids, -100 and the image id all fit), and numpy
+    arrays stay shared, not copied, in forked DataLoader workers."""
+    lists = table.data.column(column).combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int32), offsets
 
 
 class Collator:

@@ -20,6 +20,7 @@ class ImageError(DataError):
 
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+ORIENTATION = 0x0112  # the EXIF tag of a photo's rotation
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
 
 
@@ -84,6 +85,9 @@ def load_image(path: str) -> Image.Image:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and width * height > limit:
                 raise Image.DecompressionBombError(f"{width * height} pixels")
+            if image.mode == "RGB" and "transparency" not in image.info and not image.getexif().get(ORIENTATION):
+                image.load()  # the common case, without the two copies below
+                return image
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
             return to_rgb(image)
     except Image.DecompressionBombError as e:

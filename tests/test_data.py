@@ -333,6 +333,18 @@ def test_palette_with_transparency(tmp_path):
     assert [pixel(loaded, (0, 0)), pixel(loaded, (1, 0))] == [(255, 255, 255), (10, 200, 30)]
 
 
+def test_rgb_with_a_transparent_colour_is_composited_on_white(tmp_path):
+    """An RGB PNG with a tRNS colour: not the plain-RGB fast path of load_image."""
+    image = Image.new("RGB", (2, 1), (0, 0, 0))
+    image.putpixel((1, 0), (10, 200, 30))
+    image.save(tmp_path / "x.png", transparency=(0, 0, 0))
+    loaded = load_image(str(tmp_path / "x.png"))
+    assert [pixel(loaded, (0, 0)), pixel(loaded, (1, 0))] == [(255, 255, 255), (10, 200, 30)]
+    Image.new("RGB", (2, 1), (0, 0, 0)).save(tmp_path / "plain.png")
+    plain = load_image(str(tmp_path / "plain.png"))
+    assert plain.mode == "RGB" and pixel(plain, (1, 0)) == (0, 0, 0)  # usable after its file closed
+
+
 def test_grey_and_cmyk(tmp_path):
     Image.new("L", (1, 1), 77).save(tmp_path / "l.png")
     Image.new("CMYK", (1, 1), (255, 0, 0, 0)).save(tmp_path / "c.jpg", quality=100)  # pure cyan
