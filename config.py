@@ -158,8 +158,12 @@ class DataArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name."})
     eval_data_path: str | None = field(
-        default=None, metadata={"help": "Held-out records: exact-match accuracy after training."}
+        default=None,
+        metadata={"help": "Held-out records (LLaVA or messages format, as data_path / dataset_name): "
+                          "exact-match accuracy after training."},
     )
+    eval_image_folder: str | None = field(default=None, metadata={"help": "Root of eval image paths; default image_folder."})
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub-id --eval_data_path."})
     max_length: int = field(default=2048, metadata={"help": "Tokens, image tokens included."})
     chat_template: str | None = field(
         default=None,

@@ -13,12 +13,14 @@ The checkpoint folder alone says which base to load (its manifest); `--base_visi
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
 from data.dataset import read_records
 from data.media import load_image, load_video_frames
+from data.messages import as_llava_file
 from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
 from model.checkpoint import load_checkpoint
 from predict import accuracy, generate_answers, predict_records
@@ -35,7 +37,11 @@ class InferArguments:
     )
     num_frames: int = field(default=8, metadata={"help": "Frames sampled from a video."})
     prompt: str | None = field(default=None, metadata={"help": "The question."})
-    data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl to answer."})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Records to answer: LLaVA .json/.jsonl, or a messages-format file, save_to_disk folder or hub id."},
+    )
+    split: str = field(default="test", metadata={"help": "Split of a hub-id --data."})
     image_folder: str | None = field(default=None)
     output: str | None = field(default=None, metadata={"help": "Where --data predictions go."})
     base_vision: str | None = field(default=None, metadata={"help": "Override the base tower."})
@@ -72,10 +78,12 @@ def main(argv=None):
         (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], args.max_new_tokens)
         print(answer)
         return
-    results = predict_records(
-        model, tokenizer, image_processor, read_records(args.data), args.image_folder, args.batch_size,
-        args.max_new_tokens, args.num_frames,
-    )
+    with tempfile.TemporaryDirectory() as scratch:  # a messages-format dataset's conversion
+        data_path, image_folder = as_llava_file(args.data, args.image_folder, scratch, args.split)
+        results = predict_records(
+            model, tokenizer, image_processor, read_records(data_path), image_folder, args.batch_size,
+            args.max_new_tokens, args.num_frames,
+        )
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

@@ -8,7 +8,7 @@ import torch
 
 from data.dataset import record_messages
 from data.media import load_record_media
-from data.prompt import tokenize_prompt
+from data.prompt import IMAGE_MARKER, tokenize_prompt
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,9 @@ def first_question(record: dict, image_folder: str | None, num_frames: int = 8) 
     images = load_record_media(record, image_folder, num_frames)
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     expected = messages[first_answer]["content"] if first_answer < len(messages) else None
-    return messages[:first_answer], images, expected
+    # Images shown in later turns are not part of this question: markers and images go in order.
+    shown = sum(m["content"].count(IMAGE_MARKER) for m in messages[:first_answer])
+    return messages[:first_answer], images[:shown], expected
 
 
 def exact_match(prediction: str, answer: str | None) -> bool:

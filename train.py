@@ -130,11 +130,11 @@ def main(argv=None):
     if data_args.eval_data_path and is_sharded(model):
         report(train_args, "eval_skipped.txt", "Held-out evaluation skipped: the weights are ZeRO-3/FSDP shards. "
                f"Run: python infer.py --checkpoint {train_args.output_dir} --data {data_args.eval_data_path} "
-               f"--image_folder {data_args.image_folder}")
+               f"--image_folder {data_args.eval_image_folder}")
     elif data_args.eval_data_path and train_args.should_save:
         model.eval()
         results = predict_records(
-            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.image_folder,
+            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.eval_image_folder,
             num_frames=data_args.num_frames,
         )
         with open(os.path.join(train_args.output_dir, "eval_predictions.jsonl"), "w") as f:

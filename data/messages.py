@@ -36,8 +36,10 @@ def is_messages_file(path: str) -> bool:
 def load_messages_dataset(name: str, split: str = "train") -> datasets.Dataset:
     """A folder from `Dataset.save_to_disk`, a .json/.jsonl/.parquet file, or anything
     `datasets.load_dataset` takes (a hub id, a local dataset folder)."""
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):
         return datasets.load_from_disk(name)
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        return datasets.load_from_disk(name)[split]  # a DatasetDict's split
     if os.path.isfile(name):
         builder = "parquet" if name.endswith(".parquet") else "json"
         return datasets.load_dataset(builder, data_files=name, split="train")
@@ -88,15 +90,17 @@ def to_llava_record(row: dict, index: int, image_dir: str) -> dict:
 
 
 def convert_messages_dataset(dataset: datasets.Dataset, out_dir: str) -> str:
-    """Writes `out_dir/messages-<fingerprint>.jsonl` (and its images) once; returns its path.
-    Keyed by the dataset's fingerprint, so a changed dataset is converted again."""
-    path = os.path.join(out_dir, f"messages-{dataset._fingerprint}.jsonl")
+    """Writes `out_dir/<fingerprint>/records.jsonl` (and its images beside it, under images/)
+    once; returns its path. Keyed by the dataset's fingerprint: a changed dataset is converted
+    again, and a training set and an evaluation set never share an image name."""
+    folder = os.path.join(out_dir, dataset._fingerprint)
+    path = os.path.join(folder, "records.jsonl")
     if os.path.isfile(path):
         return path
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for index, row in enumerate(dataset):
-            f.write(json.dumps(to_llava_record(row, index, out_dir)) + "\n")
+            f.write(json.dumps(to_llava_record(row, index, folder)) + "\n")
     os.replace(path + ".tmp", path)  # atomic: another rank never reads half a file
     return path
 
@@ -107,15 +111,38 @@ def holds_images(dataset: datasets.Dataset) -> bool:
     return isinstance(getattr(feature, "feature", None), datasets.Image)
 
 
+def is_llava_file(source: str) -> bool:
+    """A LLaVA .json/.jsonl file; a missing one too (its reader then names it), rather than a
+    hub id that datasets would try to download."""
+    if not os.path.exists(source):
+        return source.endswith((".json", ".jsonl"))
+    return os.path.isfile(source) and not is_messages_file(source)
+
+
+def as_llava_file(source: str, image_folder: str | None, out_dir: str, split: str = "train") -> tuple[str, str | None]:
+    """(a LLaVA .json/.jsonl file, its image folder) for `source`: a LLaVA file as it is; a
+    messages-format dataset (a file, a save_to_disk folder, a hub id) as its conversion under
+    `out_dir/messages_data/`, with the converted images' folder when it holds images."""
+    if is_llava_file(source):
+        return source, image_folder
+    dataset = load_messages_dataset(source, split)
+    path = convert_messages_dataset(dataset, os.path.join(out_dir, "messages_data"))
+    return path, os.path.dirname(path) if holds_images(dataset) else image_folder
+
+
 def use_messages_dataset(data_args, out_dir: str) -> None:
-    """When the data is in the messages format (`--dataset_name`, or a `--data_path` holding
-    it), point `data_path` at its LLaVA conversion, and `image_folder` at the converted images
-    when the dataset holds images rather than paths."""
+    """Training and held-out data in the messages format (`--dataset_name`, or a `--data_path` /
+    `--eval_data_path` holding it) -> their LLaVA conversions: `data_path` / `eval_data_path`
+    point at them, `image_folder` / `eval_image_folder` at the converted images when the dataset
+    holds images rather than paths."""
+    image_folder = data_args.image_folder  # the folder given, before a conversion replaces it
     source = data_args.dataset_name or data_args.data_path
-    if not data_args.dataset_name and not (source and os.path.isfile(source) and is_messages_file(source)):
-        return
-    dataset = load_messages_dataset(source, data_args.dataset_split)
-    folder = os.path.join(out_dir, "messages_data")
-    data_args.data_path = convert_messages_dataset(dataset, folder)
-    if holds_images(dataset):
-        data_args.image_folder = folder
+    if source and (data_args.dataset_name or not is_llava_file(source)):
+        data_args.data_path, data_args.image_folder = as_llava_file(
+            source, data_args.image_folder, out_dir, data_args.dataset_split
+        )
+    if data_args.eval_data_path:
+        data_args.eval_data_path, data_args.eval_image_folder = as_llava_file(
+            data_args.eval_data_path, data_args.eval_image_folder or image_folder, out_dir,
+            data_args.eval_dataset_split,
+        )

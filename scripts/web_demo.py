@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -35,6 +36,7 @@ from transformers import HfArgumentParser, set_seed  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.dataset import read_records, record_messages  # noqa: E402
 from data.media import load_image, record_media  # noqa: E402
+from data.messages import as_llava_file  # noqa: E402
 from data.prompt import IMAGE_MARKER, VIDEO_MARKER, add_image_markers, expand_video_marker  # noqa: E402
 from data.records import DataError  # noqa: E402
 from infer import InferArguments  # noqa: E402
@@ -264,6 +266,8 @@ def main(argv=None):
     records = None
     if args.data:
         try:
+            # A messages-format dataset is converted (its images written) for the server's life.
+            args.data, args.image_folder = as_llava_file(args.data, args.image_folder, tempfile.mkdtemp(), "test")
             records = read_records(args.data)
         except (DataError, OSError) as error:  # a command-line mistake: said at once, not in the page
             raise SystemExit(f"--data {args.data}: {error}") from error

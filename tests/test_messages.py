@@ -70,7 +70,7 @@ def saved_dataset(tmp_path, media) -> str:
 
 def data_args(**kw):
     return SimpleNamespace(**{"dataset_name": None, "data_path": None, "image_folder": None, "dataset_split": "train",
-                              **kw})
+                              "eval_data_path": None, "eval_image_folder": None, "eval_dataset_split": "test", **kw})
 
 
 def examples(path, folder, tokenizer, processor):
@@ -93,7 +93,7 @@ def test_messages_dataset_gives_the_llava_record_s_ids_labels_and_pixels(form, t
                                 for m, i in zip(rows["messages"], rows["images"], strict=True)))
         args = data_args(data_path=str(path), image_folder=media["folder"])
     use_messages_dataset(args, str(tmp_path / "out"))
-    assert args.data_path.endswith(".jsonl") and os.path.dirname(args.data_path).endswith("messages_data")
+    assert args.data_path.endswith("records.jsonl") and os.sep + "messages_data" + os.sep in args.data_path
     converted, converted_pixels = examples(args.data_path, args.image_folder, tiny_tokenizer, processor)
     expected, expected_pixels = examples(media["llava"], media["folder"], tiny_tokenizer, processor)
     assert converted == expected
@@ -126,4 +126,69 @@ def test_train_py_trains_on_a_messages_dataset(tmp_path, media, tiny_base):
         "--max_steps", "2", "--per_device_train_batch_size", "2",
     ])
     assert os.path.isfile(os.path.join(out, "delta.safetensors"))
-    assert len(os.listdir(os.path.join(out, "messages_data", "images"))) == 2
+    (converted,) = os.listdir(os.path.join(out, "messages_data"))  # one folder per dataset fingerprint
+    assert len(os.listdir(os.path.join(out, "messages_data", converted, "images"))) == 2
+
+
+def messages_jsonl(tmp_path, name="messages.jsonl") -> str:
+    """The two rows of messages_rows, images as paths under media["folder"]."""
+    path = tmp_path / name
+    rows = messages_rows([["red.png", "blue.png"], []])
+    path.write_text("".join(json.dumps({"messages": m, "images": i}) + "\n"
+                            for m, i in zip(rows["messages"], rows["images"], strict=True)))
+    return str(path)
+
+
+def test_training_and_eval_sets_in_messages_format_are_converted_apart(tmp_path, media):
+    """Both given as datasets holding PIL images: each gets its own folder, so their images
+    (named by row) never overwrite each other; the eval set keeps the training set's image folder
+    rule (the folder given) when it holds paths."""
+    train_set = saved_dataset(tmp_path, media)
+    args = data_args(dataset_name=train_set, eval_data_path=messages_jsonl(tmp_path), image_folder=media["folder"])
+    use_messages_dataset(args, str(tmp_path / "out"))
+    assert os.path.dirname(args.data_path) == args.image_folder != media["folder"]  # PIL images written there
+    assert args.eval_image_folder == media["folder"]  # paths: the folder given
+    assert os.path.dirname(args.eval_data_path) != os.path.dirname(args.data_path)
+    from data.dataset import read_records
+
+    (first, _) = read_records(args.eval_data_path)
+    assert first["image"] == ["red.png", "blue.png"]
+    assert first["conversations"][0] == {"from": "user", "value": "<image>\n" + QUESTION}
+
+
+def test_a_missing_llava_file_is_not_taken_for_a_hub_id(tmp_path):
+    args = data_args(data_path=str(tmp_path / "nope.json"), eval_data_path=str(tmp_path / "gone.jsonl"))
+    use_messages_dataset(args, str(tmp_path / "out"))  # left to the reader, which names the file
+    assert (args.data_path, args.eval_data_path) == (str(tmp_path / "nope.json"), str(tmp_path / "gone.jsonl"))
+
+
+def test_infer_answers_a_messages_file(tmp_path, media, tiny_base, monkeypatch, capsys):
+    """infer.py --data reads a messages-format file as train.py reads it: the same prompts, images."""
+    import infer
+    import predict
+    import train
+
+    out = str(tmp_path / "run")
+
+    train.main([
+        "configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
+        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
+        "--data_path", media["llava"], "--image_folder", media["folder"], "--eval_data_path", "",
+        "--data_check_cache", str(tmp_path / "cache"), "--output_dir", out,
+        "--max_steps", "1", "--per_device_train_batch_size", "2",
+    ])
+    seen = []
+    real = predict.first_question
+
+    def spy(record, image_folder, num_frames=8):
+        messages, images, expected = real(record, image_folder, num_frames)
+        seen.append((messages, [image.tobytes() for image in images], expected))
+        return messages, images, expected
+
+    monkeypatch.setattr(predict, "first_question", spy)
+    for data in (messages_jsonl(tmp_path), media["llava"]):
+        infer.main(["--checkpoint", out, "--data", data, "--image_folder", media["folder"], "--max_new_tokens", "2"])
+        assert capsys.readouterr().out.splitlines()[-1].startswith("accuracy: ")
+    # Each record asked once per format: the same prompt, the same pixels, the same answer.
+    assert len(seen) == 4 and seen[:2] == seen[2:]
+    assert len(seen[0][1]) == 1 and seen[0][0][-1]["content"] == "<image>\n" + QUESTION
