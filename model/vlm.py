@@ -28,7 +28,9 @@ class VisionLanguageModel(nn.Module):
         self.image_token_index = IMAGE_TOKEN_INDEX
         # transformers' causal LMs take a boolean [B, L] `logits_to_keep` (slice_logits_to_keep);
         # an LLM whose forward lacks it gets the LM head at every position.
-        self.head_at_labels_only = "logits_to_keep" in inspect.signature(type(llm).forward).parameters
+        # (PEFT's wrapper forwards it; its own forward only says **kwargs.)
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        self.head_at_labels_only = "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
     @property
     def _no_split_modules(self) -> list[str]:

@@ -128,6 +128,8 @@ def test_head_at_labelled_positions_gives_the_full_heads_loss_and_gradients(tiny
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     assert model.head_at_labels_only  # a transformers causal LM takes a boolean logits_to_keep
+    lora, _ = build(tiny_base, lora_enable=True)
+    assert type(lora.llm).__name__.startswith("Peft") and lora.head_at_labels_only  # and under PEFT
     full_loss, full_grads = loss_and_grads(False)
     loss, grads = loss_and_grads(True)
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
