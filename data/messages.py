@@ -36,7 +36,7 @@ def is_messages_file(path: str) -> bool:
 def load_messages_dataset(name: str, split: str = "train") -> datasets.Dataset:
     """A folder from `Dataset.save_to_disk`, a .json/.jsonl/.parquet file, or anything
     `datasets.load_dataset` takes (a hub id, a local dataset folder)."""
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
         return datasets.load_from_disk(name)
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
         return datasets.load_from_disk(name)[split]  # a DatasetDict's split
@@ -125,6 +125,10 @@ def as_llava_file(source: str, image_folder: str | None, out_dir: str, split: st
     `out_dir/messages_data/`, with the converted images' folder when it holds images."""
     if is_llava_file(source):
         return source, image_folder
+    return _convert(source, image_folder, out_dir, split)
+
+
+def _convert(source: str, image_folder: str | None, out_dir: str, split: str) -> tuple[str, str | None]:
     dataset = load_messages_dataset(source, split)
     path = convert_messages_dataset(dataset, os.path.join(out_dir, "messages_data"))
     return path, os.path.dirname(path) if holds_images(dataset) else image_folder
@@ -137,8 +141,9 @@ def use_messages_dataset(data_args, out_dir: str) -> None:
     holds images rather than paths."""
     image_folder = data_args.image_folder  # the folder given, before a conversion replaces it
     source = data_args.dataset_name or data_args.data_path
-    if source and (data_args.dataset_name or not is_llava_file(source)):
-        data_args.data_path, data_args.image_folder = as_llava_file(
+    # is_llava_file reads the file's first record (all of a .json file): once, not twice.
+    if data_args.dataset_name or (source and not is_llava_file(source)):
+        data_args.data_path, data_args.image_folder = _convert(
             source, data_args.image_folder, out_dir, data_args.dataset_split
         )
     if data_args.eval_data_path:
