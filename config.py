@@ -82,6 +82,11 @@ class ModelArguments:
     frozen_regex: list[str] | None = field(
         default=None, metadata={"help": "Parameter-name regexes forced frozen (applied last)."}
     )
+    fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Training steps run the LM head fused with the loss, a chunk of rows at a time "
+                  "(model/loss.py), where the LLM's logits are its plain head's output; false: the LLM's own head."},
+    )
     bits: int = field(default=16, metadata={"help": "16, or 8 / 4 for bitsandbytes QLoRA."})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 | fp4."})
     double_quant: bool = field(default=True)

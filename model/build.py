@@ -124,6 +124,8 @@ def build_model(args, weights: bool = True) -> VisionLanguageModel:
         vision.encoder = _add_lora(vision.encoder, args)
 
     model = VisionLanguageModel(vision, connector, llm, num_output_tokens(connector, vision.num_tokens))
+    if not args.fused_loss:
+        model.fused_loss = False  # otherwise decided on the first training step
     model.build_args = args
     model.base_fingerprint = base_fingerprint
     return model

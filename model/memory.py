@@ -14,9 +14,11 @@ layer with a frozen weight saves nothing for itself, one whose weight (or LoRA) 
 input; norms, attention (SDPA: q, k, v, output, log-sum-exp) and the MLP's activation save their
 inputs whenever a gradient has to flow through them. A frozen vision tower runs under no_grad
 and keeps nothing. With gradient checkpointing a block keeps only its input, and the peak adds
-one block recomputed during backward. The loss adds the fp32 log-softmax of the logits and, at
-the start of backward, two more logits-sized fp32 gradients; a training step computes logits only
-at the positions that have a label (`supervised_tokens`, all of them unless given).
+one block recomputed during backward. A training step computes logits only at the positions that
+have a label (`supervised_tokens`, all of them unless given). Fused with the loss (model/loss.py),
+the head keeps the gradient of its input from the forward and holds one chunk of logits at a
+time; unfused, the loss keeps the fp32 log-softmax of the logits and adds, at the start of
+backward, two more logits-sized fp32 gradients.
 
 Not counted: the framework itself (CUDA context, kernels, Python), allocator fragmentation,
 DeepSpeed/FSDP sharding (the plan is per device, unsharded), and data loading.
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from model.loss import CHUNK_ELEMENTS
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Linear layers by where their input comes from in a block (Llama, Qwen, Mistral, CLIP, SigLIP).
@@ -292,6 +296,7 @@ def plan_memory(
     images_per_sample: int = 1,
     supervised_tokens: int | None = None,
     padded: bool | None = None,
+    fused_loss: bool | None = None,
 ) -> MemoryPlan:
     """The memory one device needs to train `model` (built and frozen) on batches of
     `batch_size` samples of `seq_len` tokens each, image tokens included (`--max_length` counts
@@ -299,7 +304,11 @@ def plan_memory(
 
     `supervised_tokens`: positions of a batch whose next token has a label; a training step
     computes the logits and the loss there only (default: every position, an upper bound).
-    `padded`: whether batches are padded (default: batch_size > 1, as the collator pads)."""
+    `padded`: whether batches are padded (default: batch_size > 1, as the collator pads).
+    `fused_loss`: whether the head runs fused with the loss (model/loss.py); default: as the
+    model decided on its first training step, or, before one, wherever it can (a plain linear
+    head). A family that changes its logits after the head (Gemma's soft-capping) is found out
+    on the first step and keeps the unfused path: plan it with fused_loss=False."""
     image_tokens = images_per_sample * model.num_image_tokens
     if seq_len <= image_tokens:
         raise ValueError(
@@ -351,22 +360,37 @@ def plan_memory(
     grad_reaches_head = first < config.num_hidden_layers or any(
         p.requires_grad for n, p in llm.named_parameters() if not _LAYER.search(n)
     )
-    head = 0.0
+    head_bytes = 0.0
     if grad_reaches_head:
-        head += (4 * shape.hidden + 4) * tokens  # final norm
+        head_bytes += (4 * shape.hidden + 4) * tokens  # final norm
     final_norm_trains = any(
         p.requires_grad for n, p in llm.named_parameters() if "norm" in n and not _LAYER.search(n)
     )
-    head_trains = llm.get_output_embeddings().weight.requires_grad
+    head = llm.get_output_embeddings()
+    head_trains = head.weight.requires_grad
     rows = tokens if supervised_tokens is None else supervised_tokens  # where logits are computed
-    head += act * shape.hidden * (tokens * final_norm_trains + rows * head_trains)
-    head += 8 * tokens * embeddings_train  # the embedding lookup keeps its int64 indices
+    head_bytes += act * shape.hidden * tokens * final_norm_trains
+    head_bytes += 8 * tokens * embeddings_train  # the embedding lookup keeps its int64 indices
     vocab = config.vocab_size
-    log_softmax = 4 * rows * vocab + 8 * rows  # fp32 log-probabilities, int64 labels
-    loss_working = max(
-        act * rows * vocab + (4 * rows * vocab if act != 4 else 0),  # logits (+ fp32 copy)
-        2 * 4 * rows * vocab,  # backward: d(nll) and d(log_softmax), both fp32
-    )
+    if fused_loss is None:
+        fused_loss = model.fused_loss
+    if fused_loss is None:  # not trained yet: fused wherever the head is a plain linear layer
+        fused_loss = model.head_at_labels_only and type(head) is nn.Linear
+    if fused_loss:
+        # model/loss.py: the gradient of the head's input is kept from the forward; the logits
+        # exist one chunk at a time (fp32, and the compute dtype's logits and gradient beside
+        # them), with a [V, D] product per chunk when the head trains in a 16-bit dtype.
+        chunk = min(rows, max(1, CHUNK_ELEMENTS // vocab))
+        loss_kept = act * shape.hidden * rows * grad_reaches_head
+        loss_working = act * shape.hidden * rows + chunk * vocab * (4 + (2 * act if act != 4 else 0))
+        loss_working += act * vocab * shape.hidden if head_trains and act != 4 else 0
+    else:
+        head_bytes += act * shape.hidden * rows * head_trains  # the head's input, for its weight gradient
+        loss_kept = 4 * rows * vocab + 8 * rows  # fp32 log-probabilities, int64 labels
+        loss_working = max(
+            act * rows * vocab + (4 * rows * vocab if act != 4 else 0),  # logits (+ fp32 copy)
+            2 * 4 * rows * vocab,  # backward: d(nll) and d(log_softmax), both fp32
+        )
     padding_mask = batch_size * seq_len * seq_len if padded else 0  # the boolean [B, 1, L, L]
     rotary = any("rotary" in n for n, _ in llm.named_modules())
     positions = 2 * act * shape.head_dim * seq_len if rotary else 0  # cos, sin: one row per position
@@ -374,17 +398,17 @@ def plan_memory(
     outside = connector + padding_mask + positions  # kept either way
     # Without checkpointing: everything kept; the peak is at the start of backward, where the
     # loss's gradients join it.
-    kept = sum(per_block) + vision_kept[False][0] + outside + head + log_softmax
+    kept = sum(per_block) + vision_kept[False][0] + outside + head_bytes + loss_kept
     plan.saved_no_ckpt = int(kept)
     plan.activations_no_ckpt = int(max(kept + loss_working, plan.frozen_tower_forward))
     # With checkpointing: block inputs kept. Two candidate peaks: the start of backward (as
     # above), and a block recomputed during backward (the head's tensors are freed by then).
     kept = act * shape.hidden * tokens * config.num_hidden_layers + vision_kept[True][0] + outside
     recompute = max(per_block, default=0) + _block_backward_working(shape, act) * tokens
-    plan.saved_ckpt = int(kept + head + log_softmax)
+    plan.saved_ckpt = int(kept + head_bytes + loss_kept)
     plan.activations_ckpt = int(
         max(
-            kept + head + log_softmax + loss_working,
+            kept + head_bytes + loss_kept + loss_working,
             kept + recompute,
             kept + vision_kept[True][1],
             plan.frozen_tower_forward,

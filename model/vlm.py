@@ -6,6 +6,9 @@ import inspect
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from model.loss import linear_cross_entropy
 
 # Image positions in `input_ids` hold this id (LLaVA's convention). It never reaches the
 # embedding table, so the base vocabulary and embeddings stay untouched.
@@ -31,6 +34,9 @@ class VisionLanguageModel(nn.Module):
         # (PEFT's wrapper forwards it; its own forward only says **kwargs.)
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self.head_at_labels_only = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        # The LM head fused with the loss in training steps (model/loss.py): decided on the
+        # first training step by `head_is_plain`; False keeps the LLM's own head and loss.
+        self.fused_loss: bool | None = None
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -82,33 +88,63 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
-        """Returns the LLM's output: logits [B, L, V], and the loss when labels are given. A
-        training step (labels, gradients on, training mode) gets logits [N, V] of only the N
-        positions whose next token has a label, the ones its loss reads.
+        """Returns the LLM's output: logits [B, L, V], and the loss when labels are given.
 
-        `**kwargs` carries the Trainer's `num_items_in_batch` to the LLM's loss: dropping it
-        makes the Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
+        A training step (labels, gradients on, training mode) computes the LM head only where the
+        next token has a label, the positions its loss reads (image tokens and prompt, most of a
+        LLaVA sample, have none): fused with the loss, chunk by chunk, and no logits returned
+        (`model.loss.linear_cross_entropy`), when the LLM's logits are its head's output and
+        nothing more; otherwise as logits [N, V] of those N positions.
+
+        `**kwargs` carries the Trainer's `num_items_in_batch` to the loss: dropping it makes the
+        Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
         if labels is None or not (self.training and torch.is_grad_enabled() and self.head_at_labels_only):
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        else:
-            # The LM head and the loss at the labelled positions only: image tokens and prompt
-            # (most of a LLaVA sample) would cost [B, L, V] logits, kept in fp32 for the
-            # backward, that no loss reads. Position t predicts token t + 1.
-            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]
-            keep = shift_labels != -100  # [B, L]
-            num_items = kwargs.pop("num_items_in_batch", None)
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
-            out.loss = self.llm.loss_function(  # logits [N, V]
-                out.logits, None, self.llm.config.vocab_size, num_items_in_batch=num_items,
-                shift_labels=shift_labels[keep],
-            )
+            return self._zero_loss_if_all_masked(out, labels)
+        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]; t predicts t + 1
+        keep = shift_labels != -100  # [B, L]
+        num_items = kwargs.pop("num_items_in_batch", None)
+        if self.fused_loss is None:
+            self.fused_loss = self.head_is_plain(embeds)
+        if self.fused_loss:
+            decoder = self.llm.get_decoder()
+            hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+            loss = linear_cross_entropy(hidden[keep], self.llm.get_output_embeddings(), shift_labels[keep], num_items)
+            return CausalLMOutputWithPast(loss=loss)  # [N, D] -> a scalar; no logits were kept
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+        out.loss = self.llm.loss_function(  # logits [N, V]
+            out.logits, None, self.llm.config.vocab_size, num_items_in_batch=num_items,
+            shift_labels=shift_labels[keep],
+        )
+        return self._zero_loss_if_all_masked(out, labels)
+
+    @staticmethod
+    def _zero_loss_if_all_masked(out, labels):
         if labels is not None and not (labels[:, 1:] != -100).any():
             # Every label masked (after the shift): the LLM's loss is 0/0 = NaN, which would
             # poison the weights. A zero that keeps the graph (every rank still syncs) instead.
             out.loss = out.logits.sum() * 0.0
         return out
+
+    def head_is_plain(self, embeds: torch.Tensor) -> bool:
+        """Whether the LLM's logits are its `nn.Linear` head applied to its decoder's output, and
+        nothing more, so that the fused loss may take the head's place. Most causal LMs are; some
+        change the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling),
+        which the fused loss would silently drop. Checked once, on the first training step (every
+        rank alike), by computing one position of `embeds` both ways, dropout off."""
+        head = self.llm.get_output_embeddings()
+        if type(head) is not nn.Linear:  # a LoRA-wrapped or quantized head: the LLM runs it
+            return False
+        probe = embeds[:1, :2].detach()  # [1, 2, D]
+        was_training = self.llm.training
+        self.llm.eval()
+        with torch.no_grad():
+            theirs = self.llm(inputs_embeds=probe, logits_to_keep=1).logits  # [1, 1, V]
+            ours = head(self.llm.get_decoder()(inputs_embeds=probe).last_hidden_state[:, -1:])
+        self.llm.train(was_training)
+        return theirs.shape == ours.shape and torch.equal(theirs, ours)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, **generate_kwargs):

@@ -47,6 +47,24 @@ def test_zero2_trains_the_weights_of_one_process(tiny_base, demo_data, tmp_path)
         torch.testing.assert_close(zero2[name], one[name], atol=1e-4, rtol=0, msg=name)
 
 
+def test_zero3_fused_loss_trains_like_the_llms_own_head(tiny_base, demo_data, tmp_path, zero3_everything_partitioned):
+    """The fused loss reads the LM head's weight outside the head's own forward; under ZeRO-3,
+    every tensor sharded, DeepSpeed gathers it as an external parameter, and its gradient reaches
+    the shard. The whole LLM trains as with the LLM's own head and loss (`--fused_loss false`)."""
+    runs = {}
+    for fused in ("true", "false"):
+        out = tmp_path / f"fused_{fused}"
+        torchrun_train(2, tiny_base, demo_data, out, "--freeze_vit", "true", "--fused_loss", fused,
+                       "--deepspeed", zero3_everything_partitioned)
+        runs[fused] = load_file(out / DELTA)
+    assert set(runs["true"]) == set(runs["false"]) and "llm.lm_head.weight" in runs["true"]
+    for name, expected in runs["false"].items():
+        # Measured: 5e-6 apart.
+        torch.testing.assert_close(runs["true"][name], expected, atol=1e-4, rtol=0, msg=name)
+    base_head = load_file(glob.glob(os.path.join(tiny_base["llm"], "*.safetensors"))[0])["lm_head.weight"]
+    assert (runs["true"]["llm.lm_head.weight"] - base_head).abs().max() > 1e-3  # it trained
+
+
 def test_zero3_lora_and_connector_delta_is_whole_and_loads(
     tiny_base, demo_data, tmp_path, zero3_everything_partitioned
 ):

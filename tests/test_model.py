@@ -78,9 +78,7 @@ def test_forward_and_backward(request, tower, connector):
         pixel_values=random_pixels(2, seed=0),
         labels=labels,
     )
-    vocab_size = model.llm.config.vocab_size
-    # A training step computes logits only where the next token has a label.
-    assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), vocab_size)
+    assert out.logits is None  # a training step runs the LM head fused with the loss
     assert torch.isfinite(out.loss)
     assert out.loss.item() > 0
 
@@ -96,9 +94,11 @@ def test_forward_and_backward(request, tower, connector):
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 11])
 def test_head_at_labelled_positions_gives_the_full_heads_loss_and_gradients(tiny_base, num_items_in_batch):
-    """A training step runs the LM head only where the next token has a label. Same loss, same
-    gradients as the head at every position (the LLM's own loss over [B, L, V] logits); with the
-    Trainer's `num_items_in_batch` too. Unlabelled rows: the image block, the prompt, padding."""
+    """A training step runs the LM head only where the next token has a label, fused with the
+    loss (model/loss.py), or as logits of those rows where the LLM changes its logits after the
+    head. Both give the same loss and gradients as the head at every position (the LLM's own
+    loss over [B, L, V] logits); with the Trainer's `num_items_in_batch` too. Unlabelled rows:
+    the image block, the prompt, padding."""
     model, args = build(tiny_base, freeze_vit=False, freeze_qformer=False, freeze_llm=False)
     apply_freeze_policy(model, args)
     model.train()  # the tiny base has no dropout: train mode is deterministic
@@ -117,24 +117,28 @@ def test_head_at_labelled_positions_gives_the_full_heads_loss_and_gradients(tiny
         labels=labels,
     )
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    rows = int((labels[:, 1:] != -100).sum())
 
-    def loss_and_grads(labelled_only: bool):
-        model.head_at_labels_only = labelled_only
+    def loss_and_grads(path: str):
+        model.head_at_labels_only = path != "every position"
+        model.fused_loss = path == "fused"
         model.zero_grad()
         out = model(**batch, **extra)
         out.loss.backward()
-        rows = int((labels[:, 1:] != -100).sum())
-        assert out.logits.shape[:-1] == ((rows,) if labelled_only else tuple(input_ids.shape))
+        logits_shape = {"every position": (*input_ids.shape, model.llm.config.vocab_size),
+                        "labelled rows": (rows, model.llm.config.vocab_size), "fused": None}[path]
+        assert (None if out.logits is None else tuple(out.logits.shape)) == logits_shape
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     assert model.head_at_labels_only  # a transformers causal LM takes a boolean logits_to_keep
     lora, _ = build(tiny_base, lora_enable=True)
     assert type(lora.llm).__name__.startswith("Peft") and lora.head_at_labels_only  # and under PEFT
-    full_loss, full_grads = loss_and_grads(False)
-    loss, grads = loss_and_grads(True)
-    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
-    for name, grad in full_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    full_loss, full_grads = loss_and_grads("every position")
+    for path in ("labelled rows", "fused"):
+        loss, grads = loss_and_grads(path)
+        torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6, msg=path)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{path}: {name}")
 
 
 def test_image_features_are_written_at_image_positions(clip_mlp_model):
