@@ -28,8 +28,11 @@ def fingerprint(module: nn.Module) -> str:
     with gathered([param for _, param in sampled]):  # ZeRO-3 shards are empty until gathered
         for name, param in sampled:
             flat = param.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR))
-            sample = flat[index.long().to(flat.device)].to(torch.bfloat16).float().cpu()
+            # Evenly spaced, first and last included; in integers: a float32 linspace rounds the
+            # last index of a tensor over 2^24 values (any real embedding table) past its end.
+            count = min(flat.numel(), SAMPLES_PER_TENSOR)
+            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+            sample = flat[index].to(torch.bfloat16).float().cpu()
             digest.update(f"{name}{tuple(param.shape)}".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]

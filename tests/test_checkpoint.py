@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import tiny_model_args
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from data.synthetic import vocabulary
 from model.build import build_model, load_processors
@@ -25,6 +26,7 @@ from model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from model.fingerprint import fingerprint
 from model.freeze import apply_freeze_policy, is_lora
 from model.tiny_base import make_tiny_base
 from model.vlm import IMAGE_TOKEN_INDEX
@@ -215,6 +217,17 @@ def rewrite_delta(path: str, change) -> None:
     tensors = load_file(os.path.join(path, DELTA))
     change(tensors)
     save_file(tensors, os.path.join(path, DELTA))
+
+
+def test_fingerprint_samples_the_last_value_of_a_real_sized_table():
+    """Qwen2.5's embedding table is 136M values, Vicuna's 131M: over 2^24, where a float32 index
+    rounds past the end. The last value is sampled, and a change there changes the fingerprint."""
+    table = nn.Embedding(1, 2**25 + 4)  # 2^25 + 3, the last index, is not a float32
+    torch.nn.init.zeros_(table.weight)
+    before = fingerprint(table)
+    with torch.no_grad():
+        table.weight[0, -1] = 1.0
+    assert fingerprint(table) != before
 
 
 def test_missing_tensor_is_refused(copy_of):
