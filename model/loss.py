@@ -41,13 +41,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = logits.float()  # the loss in fp32, as transformers' ForCausalLMLoss upcasts
             labelled = y != IGNORE_INDEX
             target = y.masked_fill(~labelled, 0)[:, None]  # [C, 1]
-            log_norm = logits.logsumexp(dim=-1)  # [C]
-            total += ((log_norm - logits.gather(1, target).squeeze(1)) * labelled).sum()
+            # log-sum-exp and softmax in place: torch.logsumexp would allocate two more [C, V].
+            logits -= logits.amax(dim=-1, keepdim=True)  # shifted: exp cannot overflow
+            picked = logits.gather(1, target)  # [C, 1]
+            sum_exp = logits.exp_().sum(dim=-1, keepdim=True)  # [C, 1]; logits hold exp(shifted)
+            total += ((sum_exp.log() - picked).squeeze(1) * labelled).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
-            # d loss / d logits = softmax - one-hot on labelled rows, 0 on the others; computed in
-            # place, the chunk's logits become their gradient.
-            grad = logits.sub_(log_norm[:, None]).exp_()
+            # d loss / d logits = softmax - one-hot on labelled rows, 0 on the others: the
+            # chunk's logits become their gradient.
+            grad = logits.div_(sum_exp)
             grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
             grad = grad.mul_(labelled[:, None]).to(compute_dtype)
             if needs_hidden:

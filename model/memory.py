@@ -378,11 +378,11 @@ def plan_memory(
         fused_loss = model.head_at_labels_only and type(head) is nn.Linear
     if fused_loss:
         # model/loss.py: the gradient of the head's input is kept from the forward; the logits
-        # exist one chunk at a time (fp32, and the compute dtype's logits and gradient beside
-        # them), with a [V, D] product per chunk when the head trains in a 16-bit dtype.
+        # exist one chunk at a time (fp32, beside the compute dtype's logits or gradient), with
+        # a [V, D] product per chunk when the head trains in a 16-bit dtype.
         chunk = min(rows, max(1, CHUNK_ELEMENTS // vocab))
         loss_kept = act * shape.hidden * rows * grad_reaches_head
-        loss_working = act * shape.hidden * rows + chunk * vocab * (4 + (2 * act if act != 4 else 0))
+        loss_working = act * shape.hidden * rows + chunk * vocab * (4 + (act if act != 4 else 0))
         loss_working += act * vocab * shape.hidden if head_trains and act != 4 else 0
     else:
         head_bytes += act * shape.hidden * rows * head_trains  # the head's input, for its weight gradient
