@@ -35,32 +35,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, y = hidden[rows], labels[rows]  # [C, D], [C]
-            logits = nn.functional.linear(h, weight, bias)  # [C, V], the head's compute dtype
-            compute_dtype = logits.dtype
-            logits = logits.float()  # the loss in fp32, as transformers' ForCausalLMLoss upcasts
-            labelled = y != IGNORE_INDEX
-            target = y.masked_fill(~labelled, 0)[:, None]  # [C, 1]
-            # log-sum-exp and softmax in place: torch.logsumexp would allocate two more [C, V].
-            logits -= logits.amax(dim=-1, keepdim=True)  # shifted: exp cannot overflow
-            picked = logits.gather(1, target)  # [C, 1]
-            sum_exp = logits.exp_().sum(dim=-1, keepdim=True)  # [C, 1]; logits hold exp(shifted)
-            total += ((sum_exp.log() - picked).squeeze(1) * labelled).sum()
-            if not (needs_hidden or needs_weight or needs_bias):
-                continue
-            # d loss / d logits = softmax - one-hot on labelled rows, 0 on the others: the
-            # chunk's logits become their gradient.
-            grad = logits.div_(sum_exp)
-            grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
-            grad = grad.mul_(labelled[:, None]).to(compute_dtype)
-            if needs_hidden:
-                grad_hidden[rows] = grad @ weight.to(compute_dtype)  # [C, D]
-            if needs_weight and compute_dtype == torch.float32:
-                grad_weight.addmm_(grad.T, h)  # [V, D]
-            elif needs_weight:
-                grad_weight += grad.T @ h.to(compute_dtype)  # a [V, D] product in the compute dtype
-            if needs_bias:
-                grad_bias += grad.float().sum(0)
+            total += _chunk(
+                hidden[rows], labels[rows], weight, bias,
+                None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias,
+            )
         # grad_hidden is an activation of this step (saved-tensor hooks may offload it);
         # grad_weight and grad_bias become the parameters' .grad as they are: gradients
         # allocated early, so kept on ctx, outside what autograd counts as saved.
@@ -87,6 +65,38 @@ class LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias) -> torch.Tensor:
+    """One chunk of rows, h [C, D] and y [C]: returns its summed loss, writes its input gradient
+    into grad_h [C, D] and adds its parameter gradients to grad_weight [V, D] and grad_bias [V]
+    (each where not None). Its [C, V] logits die with this call, before the next chunk's exist."""
+    logits = nn.functional.linear(h, weight, bias)  # [C, V], in the head's compute dtype
+    compute_dtype = logits.dtype
+    logits = logits.float()  # the loss in fp32, as transformers' ForCausalLMLoss upcasts
+    labelled = y != IGNORE_INDEX
+    target = y.masked_fill(~labelled, 0)[:, None]  # [C, 1]
+    # log-sum-exp and softmax in place: torch.logsumexp would allocate two more [C, V].
+    logits -= logits.amax(dim=-1, keepdim=True)  # shifted: exp cannot overflow
+    picked = logits.gather(1, target)  # [C, 1]
+    sum_exp = logits.exp_().sum(dim=-1, keepdim=True)  # [C, 1]; logits hold exp(shifted)
+    loss = ((sum_exp.log() - picked).squeeze(1) * labelled).sum()
+    if grad_h is None and grad_weight is None and grad_bias is None:
+        return loss
+    # d loss / d logits = softmax - one-hot on labelled rows, 0 on the others: the logits
+    # become their gradient.
+    grad = logits.div_(sum_exp)
+    grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
+    grad = grad.mul_(labelled[:, None]).to(compute_dtype)
+    if grad_h is not None:
+        grad_h.copy_(grad @ weight.to(compute_dtype))  # [C, D]
+    if grad_weight is not None and compute_dtype == torch.float32:
+        grad_weight.addmm_(grad.T, h)  # [V, D]
+    elif grad_weight is not None:
+        grad_weight += grad.T @ h.to(compute_dtype)  # a [V, D] product in the compute dtype
+    if grad_bias is not None:
+        grad_bias += grad.float().sum(0)
+    return loss
 
 
 def linear_cross_entropy(hidden, head: nn.Linear, labels, num_items_in_batch=None) -> torch.Tensor:

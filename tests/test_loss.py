@@ -38,7 +38,7 @@ def head_and_batch(bias: bool, dtype=torch.float32, seed: int = 0):
 
 def reference(head, hidden, labels, num_items):
     """What the model's unfused path computes: the head, then transformers' causal-LM loss."""
-    return ForCausalLMLoss(head(hidden), None, VOCAB, num_items_in_batch=num_items, shift_labels=labels)
+    return ForCausalLMLoss(head(hidden), None, head.out_features, num_items_in_batch=num_items, shift_labels=labels)
 
 
 def loss_and_grads(loss_fn, head, hidden, labels, num_items, scale: float):
@@ -181,3 +181,31 @@ def test_a_tied_head_gets_the_gradients_of_both_its_uses(tiny_base, tmp_path):
         grads[fused] = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.requires_grad}
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """The point of the fusion: forward and backward allocate one chunk's [C, V] logits at a time,
+    where the head-then-loss path holds several [N, V] tensors. Counted by the profiler's
+    allocation trace (scripts/bench.py's StepMemory), not sampled."""
+    from scripts.bench import StepMemory
+
+    rows, vocab, chunk_rows = 64, 50_000, 16
+    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", chunk_rows * vocab)
+    torch.manual_seed(0)
+    head = nn.Linear(8, vocab, bias=False)
+    hidden = torch.randn(rows, 8, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    chunk_bytes = chunk_rows * vocab * 4
+
+    def peak(loss_fn) -> int:
+        memory = StepMemory(torch.device("cpu"))
+        memory.start()
+        loss_fn().backward()
+        return memory.stop()
+
+    fused = peak(lambda: linear_cross_entropy(hidden, head, labels))
+    unfused = peak(lambda: reference(head, hidden, labels, None))
+    # The weight's fp32 gradient (vocab x 8) is allocated either way; the logits are what differ.
+    weight_grad = head.weight.numel() * 4
+    assert fused - weight_grad < 1.2 * chunk_bytes, (fused, chunk_bytes)
+    assert unfused - weight_grad > 2 * rows * vocab * 4, (unfused, chunk_bytes)
