@@ -5,6 +5,7 @@ would pick instead: transformers' LlavaForConditionalGeneration trained by TRL's
     python scripts/bench.py --recipe lora                 # one row, ours only
     python scripts/bench.py --shape siglip_so400m_qwen25_05b --peer     # on a GPU (bf16)
     python scripts/bench.py --peer --peer_trainer trainer # the peer through transformers' Trainer
+    python scripts/bench.py --shape siglip_so400m_qwen25_05b --dtype bfloat16 --plan_only  # no weights
 
 A shape (configs/shapes/NAME.yaml) is a vision config, an LLM config and a default batch. It is
 built once with random weights (seed 0, nothing downloaded) and saved with save_pretrained:
@@ -81,6 +82,12 @@ class BenchArguments:
     # OpenMP threads collapse when the other core is busy. Pass --threads 2 on a quiet machine.
     threads: int = field(default=1, metadata={"help": "torch / OpenMP threads of each side (CPU)."})
     gradient_checkpointing: bool = field(default=False)
+    fused_loss: bool = field(default=True, metadata={"help": "Ours: the LM head fused with the loss (model/loss.py)."})
+    plan_only: bool = field(
+        default=False,
+        metadata={"help": "Print each recipe's --dry_run plan, checkpointing off and on, from the shape's configs "
+                  "alone (meta device: no weights, no training): a GPU shape planned on a laptop."},
+    )
     dtype: str | None = field(default=None, metadata={"help": "Base weights; default float32 on CPU, bfloat16 on GPU."})
     # LoRA: configs/llava15_lora.yaml's r 128, alpha 256 unless the shape scales them down.
     lora_r: int | None = field(default=None, metadata={"help": "Default: the shape's lora_r, else 128."})
@@ -153,6 +160,21 @@ def build_base(out: str, shape: dict, dtype_name: str) -> None:
     llava.save_pretrained(os.path.join(out, "llava"))
     with open(os.path.join(out, "complete"), "w") as f:
         f.write("built\n")
+
+
+def write_configs(out: str, shape: dict) -> None:
+    """vision/config.json and llm/config.json alone: what build_model(weights=False) reads."""
+    from transformers import CONFIG_MAPPING
+
+    for part in ("vision", "llm"):
+        values = dict(shape[part])
+        CONFIG_MAPPING[values.pop("model_type")](**values).save_pretrained(os.path.join(out, part))
+
+
+def supervised_positions(batch_size: int, seq_len: int, images: int, image_tokens: int) -> int:
+    """Positions whose next token has a label in `synthetic_samples`' batches: the text after the
+    images, less the last token, which predicts nothing."""
+    return batch_size * (seq_len - 1 - images * image_tokens)
 
 
 def peer_image_token(vocab_size: int) -> int:
@@ -274,6 +296,7 @@ def _model_args(args: BenchArguments, base: str, recipe: str, shape: dict):
         dtype=args.dtype,
         vision_feature_layer=shape.get("vision_feature_layer", -2),
         connector="mlp2x_gelu",
+        fused_loss=args.fused_loss,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -376,7 +399,7 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     input_ids, labels, pixel_values = synthetic_samples(
         batch_size, seq_len, args.images, image_tokens, vocab, image_size, image_token
     )
-    supervised = int((labels[:, 1:] != -100).sum())  # after the shift: the positions a loss reads
+    supervised = supervised_positions(batch_size, seq_len, args.images, image_tokens)
     flops = step_flops(ours, batch_size, seq_len, args.images, supervised) if side == "ours" else None
     plan = None
     if side == "ours":
@@ -386,13 +409,17 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     collate = Collate(input_ids, labels, pixel_values, args.images)
 
     # The first loss, before any step, in eval mode (no dropout): equal on both sides when they
-    # compute the same function from the same weights.
+    # compute the same function from the same weights. A sample at a time: eval's logits are
+    # [B, L, V] (623 MiB at batch 4 x 256 and a 152k vocabulary), which would set the peak RSS
+    # instead of training; every sample has as many labels, so the mean of means is the batch's.
     model.eval()
-    with torch.no_grad():
-        batch = {k: v.to(device) for k, v in collate([{"idx": i} for i in range(batch_size)]).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss0 = float(model(**batch).loss)
-    del batch
+    losses = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(batch_size):
+            sample = {k: v.to(device) for k, v in collate([{"idx": i}]).items()}
+            losses.append(float(model(**sample).loss))
+    loss0 = statistics.fmean(losses)
+    del sample
     model.train()
 
     clock, cpu_clock, marks = [], [], {}
@@ -591,6 +618,9 @@ def main(argv: list[str] | None = None) -> None:
     args.lora_alpha = args.lora_alpha or shape.get("lora_alpha", 256)
     if args.peer_trainer not in ("sft", "trainer"):
         raise SystemExit(f"--peer_trainer {args.peer_trainer!r}: choose sft or trainer.")
+    if args.plan_only:
+        print_plans(args, shape_name, shape)
+        return
     if args.child:
         kind, _, recipe = args.child.partition(":")
         if kind == "build":
@@ -651,6 +681,33 @@ def main(argv: list[str] | None = None) -> None:
             )
     for line in ratios:
         print(line)
+
+
+def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
+    """Each recipe's plan for the shape's batch, built on the meta device from its configs."""
+    from model.build import build_model
+    from model.freeze import apply_freeze_policy
+    from model.memory import plan_memory
+
+    configs = os.path.join(args.workdir or os.path.join(tempfile.gettempdir(), "vlm_bench"), f"{shape_name}-configs")
+    write_configs(configs, shape)
+    image_tokens = (shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2
+    supervised = supervised_positions(args.batch_size, args.seq_len, args.images, image_tokens)
+    print(f"plan: shape {shape_name}, batch {args.batch_size} x {args.seq_len} tokens, {args.images} image(s) of "
+          f"{image_tokens} tokens/sample, {supervised} labelled positions, {args.dtype}, AdamW, MiB per device")
+    print(f"{'recipe':<11} {'weights':>9} {'grads':>9} {'adamw':>9} {'act_off':>9} {'act_on':>9} {'total_off':>9} {'total_on':>9}")
+    recipes = list(RECIPES) if args.recipe == "all" else [args.recipe]
+    for recipe in recipes:
+        model_args = _model_args(args, configs, recipe, shape)
+        model = build_model(model_args, weights=False)
+        apply_freeze_policy(model, model_args)
+        plan = plan_memory(model, args.batch_size, args.seq_len, False, images_per_sample=args.images,
+                           supervised_tokens=supervised, padded=False)
+        fixed = plan.weights_total + plan.gradients + plan.optimizer
+        print(f"{recipe:<11} " + " ".join(
+            f"{value / MIB:>9.1f}" for value in (plan.weights_total, plan.gradients, plan.optimizer,
+                                                 plan.activations_no_ckpt, plan.activations_ckpt)
+        ) + f" {(fixed + plan.activations_no_ckpt) / MIB:>9.1f} {(fixed + plan.activations_ckpt) / MIB:>9.1f}")
 
 
 def _cuda_available() -> bool:
