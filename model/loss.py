@@ -88,12 +88,14 @@ def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias) -> torch.Tensor:
     grad = logits.div_(sum_exp)
     grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
     grad = grad.mul_(labelled[:, None]).to(compute_dtype)
+    # Under autocast these matmuls run in the compute dtype as the head's did (the fp32 weight
+    # cast once, from autocast's cache); without it, hidden and weight share one dtype.
     if grad_h is not None:
-        grad_h.copy_(grad @ weight.to(compute_dtype))  # [C, D]
+        grad_h.copy_(grad @ weight)  # [C, D]
     if grad_weight is not None and compute_dtype == torch.float32:
         grad_weight.addmm_(grad.T, h)  # [V, D]
     elif grad_weight is not None:
-        grad_weight += grad.T @ h.to(compute_dtype)  # a [V, D] product in the compute dtype
+        grad_weight += grad.T @ h  # a [V, D] product in the compute dtype
     if grad_bias is not None:
         grad_bias += grad.float().sum(0)
     return loss

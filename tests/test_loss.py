@@ -66,16 +66,23 @@ def test_loss_and_gradients_equal_head_then_cross_entropy(monkeypatch, chunk_ele
     assert grads["hidden"][::4].abs().max() == 0  # an unlabelled row gets no gradient
 
 
-def test_bf16_matches_the_unfused_bf16_path(monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16 weights", "fp32 weights under bf16 autocast"])
+def test_bf16_matches_the_unfused_bf16_path(monkeypatch, precision):
     """A 16-bit head: logits in bf16, the loss upcast to fp32, gradients back in bf16, as the
-    LLM's own head and loss do it; only the chunking's rounding differs."""
+    LLM's own head and loss do it, whether the weights are bf16 or fp32 under autocast (the
+    Trainer's `--bf16` keeps trainable weights in fp32); only the chunking's rounding differs."""
     monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", 7 * VOCAB)
-    head, hidden, labels = head_and_batch(bias=False, dtype=torch.bfloat16)
-    expected_loss, expected = loss_and_grads(reference, head, hidden, labels, None, scale=1.0)
-    loss, grads = loss_and_grads(linear_cross_entropy, head, hidden, labels, None, scale=1.0)
-    assert loss.dtype == torch.float32 and grads["hidden"].dtype == grads["weight"].dtype == torch.bfloat16
+    autocast = precision.endswith("autocast")
+    head, hidden, labels = head_and_batch(bias=False, dtype=torch.float32 if autocast else torch.bfloat16)
+    results = {}
+    for loss_fn in (reference, linear_cross_entropy):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results[loss_fn] = loss_and_grads(loss_fn, head, hidden, labels, None, scale=1.0)
+    (expected_loss, expected), (loss, grads) = results[reference], results[linear_cross_entropy]
+    assert loss.dtype == torch.float32 and grads["weight"].dtype == head.weight.dtype
     torch.testing.assert_close(loss, expected_loss, rtol=1e-3, atol=1e-3)
     for name, grad in expected.items():
+        assert grads[name].dtype == grad.dtype, name
         torch.testing.assert_close(grads[name].float(), grad.float(), rtol=2e-2, atol=1e-3, msg=name)
 
 
