@@ -33,11 +33,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The model passes labelled rows only: then no chunk needs its ignored rows zeroed.
+        any_ignored = bool((labels == IGNORE_INDEX).any())
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             total += _chunk(
                 hidden[rows], labels[rows], weight, bias,
-                None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias,
+                None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias, any_ignored,
             )
         # grad_hidden is an activation of this step (saved-tensor hooks may offload it);
         # grad_weight and grad_bias become the parameters' .grad as they are: gradients
@@ -67,10 +69,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias) -> torch.Tensor:
+def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias, any_ignored: bool) -> torch.Tensor:
     """One chunk of rows, h [C, D] and y [C]: returns its summed loss, writes its input gradient
     into grad_h [C, D] and adds its parameter gradients to grad_weight [V, D] and grad_bias [V]
-    (each where not None). Its [C, V] logits die with this call, before the next chunk's exist."""
+    (each where not None). Its [C, V] logits die with this call, before the next chunk's exist.
+    `any_ignored`: whether some label in the batch is -100 (else no row needs zeroing)."""
     logits = nn.functional.linear(h, weight, bias)  # [C, V], in the head's compute dtype
     compute_dtype = logits.dtype
     logits = logits.float()  # the loss in fp32, as transformers' ForCausalLMLoss upcasts
@@ -87,7 +90,9 @@ def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias) -> torch.Tensor:
     # become their gradient.
     grad = logits.div_(sum_exp)
     grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
-    grad = grad.mul_(labelled[:, None]).to(compute_dtype)
+    if any_ignored:
+        grad.mul_(labelled[:, None])
+    grad = grad.to(compute_dtype)
     # Under autocast these matmuls run in the compute dtype as the head's did (the fp32 weight
     # cast once, from autocast's cache); without it, hidden and weight share one dtype.
     if grad_h is not None:
