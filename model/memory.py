@@ -374,8 +374,8 @@ def plan_memory(
     vocab = config.vocab_size
     if fused_loss is None:
         fused_loss = model.fused_loss
-    if fused_loss is None:  # not trained yet: fused wherever the head is a plain linear layer
-        fused_loss = model.head_at_labels_only and type(head) is nn.Linear
+    if fused_loss is None:  # not trained yet: fused wherever it may be
+        fused_loss = model.head_may_be_plain()
     if fused_loss:
         # model/loss.py: the gradient of the head's input is kept from the forward; the logits
         # exist one chunk at a time (fp32, beside the compute dtype's logits or gradient), with

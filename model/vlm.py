@@ -128,15 +128,20 @@ class VisionLanguageModel(nn.Module):
             out.loss = out.logits.sum() * 0.0
         return out
 
+    def head_may_be_plain(self) -> bool:
+        """What can be told without running the LLM: it takes `logits_to_keep`, as transformers'
+        own causal LMs do, and its head is a plain `nn.Linear` (not LoRA-wrapped or quantized)."""
+        return self.head_at_labels_only and type(self.llm.get_output_embeddings()) is nn.Linear
+
     def head_is_plain(self, embeds: torch.Tensor) -> bool:
         """Whether the LLM's logits are its `nn.Linear` head applied to its decoder's output, and
         nothing more, so that the fused loss may take the head's place. Most causal LMs are; some
         change the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling),
         which the fused loss would silently drop. Checked once, on the first training step (every
         rank alike), by computing one position of `embeds` both ways, dropout off."""
-        head = self.llm.get_output_embeddings()
-        if type(head) is not nn.Linear:  # a LoRA-wrapped or quantized head: the LLM runs it
+        if not self.head_may_be_plain():
             return False
+        head = self.llm.get_output_embeddings()
         probe = embeds[:1, :2].detach()  # [1, 2, D]
         was_training = self.llm.training
         self.llm.eval()
