@@ -116,21 +116,31 @@ def base_dir(args: BenchArguments, shape_name: str, shape: dict) -> str:
     return os.path.join(workdir, f"{shape_name}-{key}")
 
 
+def shape_config(shape: dict, part: str):
+    """The transformers config of a shape's `vision` or `llm` section."""
+    from transformers import CONFIG_MAPPING
+
+    values = dict(shape[part])
+    return CONFIG_MAPPING[values.pop("model_type")](**values)
+
+
+def image_tokens_per_image(shape: dict) -> int:
+    """mlp2x_gelu: one token per patch (a CLIP tower's CLS is dropped on both sides)."""
+    return (shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2
+
+
 def build_base(out: str, shape: dict, dtype_name: str) -> None:
     """vision/, llm/ (ours), connector.safetensors (our MLPProjector's seeded start) and llava/
     (the peer: the same vision, connector and LLM tensors in transformers' Llava layout)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     from model.connectors.mlp import MLPProjector
 
     dtype = getattr(torch, dtype_name)
-    vision_cfg = dict(shape["vision"])
-    vision_config = CONFIG_MAPPING[vision_cfg.pop("model_type")](**vision_cfg)
-    llm_cfg = dict(shape["llm"])
-    llm_config = CONFIG_MAPPING[llm_cfg.pop("model_type")](**llm_cfg)
+    vision_config, llm_config = shape_config(shape, "vision"), shape_config(shape, "llm")
     torch.manual_seed(0)
     vision = MODEL_MAPPING[type(vision_config)](vision_config).to(dtype)
     llm = AutoModelForCausalLM.from_config(llm_config).to(dtype)
@@ -140,13 +150,12 @@ def build_base(out: str, shape: dict, dtype_name: str) -> None:
     save_file(connector.state_dict(), os.path.join(out, "connector.safetensors"))
 
     has_cls = vision_config.model_type.startswith("clip")
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
     llava = LlavaForConditionalGeneration(
         LlavaConfig(
             vision_config=vision_config,
             text_config=llm_config,
             image_token_index=peer_image_token(llm_config.vocab_size),
-            image_seq_length=patches,
+            image_seq_length=image_tokens_per_image(shape),
             projector_hidden_act="gelu",  # nn.GELU(), exact: our MLPProjector's activation
             vision_feature_layer=shape.get("vision_feature_layer", -2),
             # Llava's "default" drops the first token: right for CLIP's CLS, wrong for SigLIP.
@@ -164,11 +173,8 @@ def build_base(out: str, shape: dict, dtype_name: str) -> None:
 
 def write_configs(out: str, shape: dict) -> None:
     """vision/config.json and llm/config.json alone: what build_model(weights=False) reads."""
-    from transformers import CONFIG_MAPPING
-
     for part in ("vision", "llm"):
-        values = dict(shape[part])
-        CONFIG_MAPPING[values.pop("model_type")](**values).save_pretrained(os.path.join(out, part))
+        shape_config(shape, part).save_pretrained(os.path.join(out, part))
 
 
 def supervised_positions(batch_size: int, seq_len: int, images: int, image_tokens: int) -> int:
@@ -393,8 +399,7 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     model.to(device)
 
     image_size, vocab = shape["vision"]["image_size"], shape["llm"]["vocab_size"]
-    # mlp2x_gelu: one token per patch (a CLIP tower's CLS is dropped on both sides).
-    image_tokens = (image_size // shape["vision"]["patch_size"]) ** 2
+    image_tokens = image_tokens_per_image(shape)
     image_token = ours.image_token_index if side == "ours" else peer_image_token(vocab)
     input_ids, labels, pixel_values = synthetic_samples(
         batch_size, seq_len, args.images, image_tokens, vocab, image_size, image_token
@@ -691,7 +696,7 @@ def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
 
     configs = os.path.join(args.workdir or os.path.join(tempfile.gettempdir(), "vlm_bench"), f"{shape_name}-configs")
     write_configs(configs, shape)
-    image_tokens = (shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2
+    image_tokens = image_tokens_per_image(shape)
     supervised = supervised_positions(args.batch_size, args.seq_len, args.images, image_tokens)
     print(f"plan: shape {shape_name}, batch {args.batch_size} x {args.seq_len} tokens, {args.images} image(s) of "
           f"{image_tokens} tokens/sample, {supervised} labelled positions, {args.dtype}, AdamW, MiB per device")

@@ -100,21 +100,15 @@ def test_bench_peer_prints_both_rows_and_the_ratios(workdir):
 def test_every_shape_is_a_valid_vision_and_llm_config(path):
     """A shape's vision and llm sections are transformers configs (a typo in a key fails here,
     not an hour into a GPU run), with a batch that leaves text after the image tokens."""
-    from transformers import CONFIG_MAPPING
-
     _, shape = bench.load_shape(path)
-    configs = {}
     for part in ("vision", "llm"):
-        values = dict(shape[part])
-        config_class = CONFIG_MAPPING[values.pop("model_type")]
-        default, config = config_class(), config_class(**values)
+        config = bench.shape_config(shape, part)
+        default = type(config)()
         # A config keeps a key it does not know as a plain attribute; one it knows is either an
         # attribute of its own or consumed (transformers 5 moves rope_theta into rope_parameters).
-        unknown = [key for key in values if not hasattr(default, key) and hasattr(config, key)]
-        assert unknown == [], f"{part}: {unknown} are not {config_class.__name__} settings"
-        configs[part] = config
-    image_tokens = (configs["vision"].image_size // configs["vision"].patch_size) ** 2
-    assert shape["seq_len"] > image_tokens + 2 and shape["batch_size"] >= 1
+        unknown = [key for key in shape[part] if not hasattr(default, key) and hasattr(config, key)]
+        assert unknown == [], f"{part}: {unknown} are not {type(config).__name__} settings"
+    assert shape["seq_len"] > bench.image_tokens_per_image(shape) + 2 and shape["batch_size"] >= 1
 
 
 def test_plan_only_plans_every_recipe_without_weights(tmp_path):

@@ -36,7 +36,7 @@ def head_and_batch(bias: bool, dtype=torch.float32, seed: int = 0):
     return head, hidden, labels
 
 
-def reference(head, hidden, labels, num_items):
+def reference(hidden, head, labels, num_items):
     """What the model's unfused path computes: the head, then transformers' causal-LM loss."""
     return ForCausalLMLoss(head(hidden), None, head.out_features, num_items_in_batch=num_items, shift_labels=labels)
 
@@ -44,7 +44,7 @@ def reference(head, hidden, labels, num_items):
 def loss_and_grads(loss_fn, head, hidden, labels, num_items, scale: float):
     head.zero_grad()
     hidden.grad = None
-    loss = loss_fn(hidden, head, labels, num_items) if loss_fn is linear_cross_entropy else loss_fn(head, hidden, labels, num_items)
+    loss = loss_fn(hidden, head, labels, num_items)
     (scale * loss).backward()  # scale: the Trainer's accumulation divisor or fp16 loss scale
     grads = {"hidden": hidden.grad.clone(), **{n: p.grad.clone() for n, p in head.named_parameters()}}
     return loss.detach(), grads
@@ -211,7 +211,7 @@ def test_holds_one_chunk_of_logits_at_a_time(monkeypatch):
         return memory.stop()
 
     fused = peak(lambda: linear_cross_entropy(hidden, head, labels))
-    unfused = peak(lambda: reference(head, hidden, labels, None))
+    unfused = peak(lambda: reference(hidden, head, labels, None))
     # The weight's fp32 gradient (vocab x 8) is allocated either way; the logits are what differ.
     weight_grad = head.weight.numel() * 4
     assert fused - weight_grad < 1.2 * chunk_bytes, (fused, chunk_bytes)
