@@ -23,6 +23,7 @@ import yaml
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 
+DEFAULT_VISION, DEFAULT_LLM = "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"  # LLaVA-1.5's
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
@@ -32,13 +33,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
-    # --- what the model is built from -------------------------------------------------------
-    vision_model: str = field(
-        default="openai/clip-vit-large-patch14-336",
-        metadata={"help": "Vision tower: hub id or local path (CLIP, SigLIP, ...)."},
+    # --- what the model is built from: a released VLM, or a tower + a fresh connector + an LLM --
+    vlm_model: str | None = field(
+        default=None,
+        metadata={"help": "A released VLM (any AutoModelForImageTextToText: llava-hf, Qwen2.5-VL, SmolVLM, "
+                  "PaliGemma, MiniCPM-V 4.6, ...): hub id or local path. Replaces vision_model + llm_model."},
     )
-    llm_model: str = field(
-        default="lmsys/vicuna-7b-v1.5", metadata={"help": "Causal LLM: hub id or local path."}
+    vlm_revision: str | None = field(default=None, metadata={"help": "Hub revision of vlm_model."})
+    vision_model: str | None = field(
+        default=None,
+        metadata={"help": "Composed base: vision tower, hub id or local path (CLIP, SigLIP, ...); "
+                  f"default {DEFAULT_VISION}."},
+    )
+    llm_model: str | None = field(
+        default=None, metadata={"help": f"Composed base: causal LLM, hub id or local path; default {DEFAULT_LLM}."}
     )
     vision_revision: str | None = field(default=None, metadata={"help": "Hub revision."})
     llm_revision: str | None = field(default=None, metadata={"help": "Hub revision."})
@@ -87,11 +95,27 @@ class ModelArguments:
         metadata={"help": "Training steps run the LM head fused with the loss, a chunk of rows at a time "
                   "(model/loss.py), where the LLM's logits are its plain head's output; false: the LLM's own head."},
     )
+    # Released VLMs: module names that mark a component, beyond the ones model/components.py knows.
+    vision_modules: list[str] | None = field(default=None, metadata={"help": "Module names of the vision tower."})
+    connector_modules: list[str] | None = field(default=None, metadata={"help": "Module names of the connector."})
+    llm_modules: list[str] | None = field(default=None, metadata={"help": "Module names of the LLM."})
+    # The processor's pixel budget, for families that resize to it (Qwen2-VL: min_pixels/max_pixels).
+    min_pixels: int | None = field(default=None, metadata={"help": "Released VLM: the processor's min_pixels."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Released VLM: the processor's max_pixels."})
     bits: int = field(default=16, metadata={"help": "16, or 8 / 4 for bitsandbytes QLoRA."})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 | fp4."})
     double_quant: bool = field(default=True)
 
     def __post_init__(self):
+        if self.vlm_model and (self.vision_model or self.llm_model):
+            set_ = " and ".join(f"--{k} {v}" for k, v in (("vision_model", self.vision_model), ("llm_model", self.llm_model)) if v)
+            raise ConfigError(
+                f"--vlm_model {self.vlm_model} is a whole VLM, but {set_} also names a composed base's part. "
+                "Keep --vlm_model to fine-tune the released model, or drop it to compose a tower and an LLM."
+            )
+        if not self.vlm_model:
+            self.vision_model = self.vision_model or DEFAULT_VISION
+            self.llm_model = self.llm_model or DEFAULT_LLM
         if self.connector not in ("mlp2x_gelu", "resampler"):
             raise ConfigError(f"--connector {self.connector!r}: choose mlp2x_gelu or resampler.")
         if self.lora_target not in ("llm", "vit", "both"):
@@ -103,6 +127,10 @@ class ModelArguments:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16.")
         refuse_conflicts(self)
+
+    @property
+    def component_modules(self) -> dict[str, list[str] | None]:
+        return {"vision": self.vision_modules, "connector": self.connector_modules, "llm": self.llm_modules}
 
     @property
     def lora_on_llm(self) -> bool:

@@ -22,8 +22,8 @@ from data.dataset import read_records
 from data.media import load_image, load_video_frames
 from data.messages import as_llava_file
 from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
-from model.checkpoint import load_checkpoint
-from predict import accuracy, generate_answers, predict_records
+from run.checkpoint import load_checkpoint
+from run.predict import accuracy, generate_answers, predict_records
 
 
 @dataclass

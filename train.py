@@ -18,16 +18,17 @@ from config import parse_config, save_resolved_config
 from data.dataset import Collator, SupervisedDataset, read_records
 from data.messages import use_messages_dataset
 from data.sampler import modality_length_sampler
-from data.synthetic import make_demo_dataset, vocabulary
 from data.validate import check_training_data
-from model.build import build_model, load_processors
-from model.checkpoint import apply_delta, check_base, latest_checkpoint, read_manifest
+from model.build import load_processors
 from model.freeze import apply_freeze_policy, format_table
-from model.memory import format_plan, plan_memory
-from model.sharding import describe_engine, is_sharded
-from model.tiny_base import make_tiny_base
-from model.trainer import VLMTrainer
-from predict import accuracy, predict_records
+from run.checkpoint import load_base, load_delta
+from run.predict import accuracy, predict_records
+from run.run_folder import latest_checkpoint
+from run.sharding import describe_engine, is_sharded
+from run.trainer import VLMTrainer
+from tools.memory import format_plan, plan_memory
+from tools.synthetic import make_demo_dataset, vocabulary
+from tools.tiny_base import make_tiny_base
 
 
 def prepare_demo_assets(model_args, data_args, train_args) -> None:
@@ -39,14 +40,6 @@ def prepare_demo_assets(model_args, data_args, train_args) -> None:
             make_demo_dataset(
                 os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size
             )
-
-
-def init_from_parent(model, parent_dir: str) -> None:
-    """Start from an earlier stage: its delta lands on the same base (fingerprint-checked), and
-    is saved again with this stage's, so each stage's checkpoint stands alone on the base."""
-    manifest = read_manifest(parent_dir)
-    check_base(model, manifest)
-    model.inherited_delta = apply_delta(model, parent_dir, manifest, new_adapters_ok=True)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -76,9 +69,11 @@ def main(argv=None):
 
     # A 16-bit plan needs shapes only: no weights are downloaded or held (a 7B plans on a laptop).
     plan_only = train_args.dry_run and model_args.bits == 16
-    model = build_model(model_args, weights=not plan_only)
+    model = load_base(model_args, weights=not plan_only)
     if train_args.init_from and not plan_only:
-        init_from_parent(model, train_args.init_from)
+        # An earlier stage's delta on the same base (fingerprint-checked), saved again with this
+        # stage's, so each stage's checkpoint stands alone on the base.
+        load_delta(model, train_args.init_from, new_adapters_ok=True)
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:
         # max_length counts image tokens; the plan assumes every batch is padded to it.

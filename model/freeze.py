@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-COMPONENTS = ("vision", "connector", "llm")
+from model.components import COMPONENTS, top_module
+
+
+class FreezeError(ValueError):
+    """A freeze setting that cannot mean what the user wants; the message names it and the fix."""
 
 
 @dataclass
@@ -39,8 +43,7 @@ def is_quantized(param: torch.Tensor) -> bool:
     return not param.dtype.is_floating_point
 
 
-def _flag_says_trainable(name: str, args) -> bool:
-    component = name.split(".", 1)[0]
+def _flag_says_trainable(component: str, name: str, args) -> bool:
     if is_lora(name):
         return not args.freeze_lora
     return {
@@ -59,10 +62,11 @@ def apply_freeze_policy(model, args) -> list[ComponentRow]:
     freezes the connector. Trainable weights are kept in fp32 (the optimizer's master copy)
     even when the base loaded in bf16.
     """
+    refuse_unmapped(model)
     trainable_patterns = [re.compile(p) for p in args.trainable_regex or []]
     frozen_patterns = [re.compile(p) for p in args.frozen_regex or []]
     for name, param in model.named_parameters():
-        wants = _flag_says_trainable(name, args)
+        wants = _flag_says_trainable(model.component(name), name, args)
         if any(p.search(name) for p in trainable_patterns):
             wants = True
         if any(p.search(name) for p in frozen_patterns):
@@ -74,13 +78,50 @@ def apply_freeze_policy(model, args) -> list[ComponentRow]:
         param.requires_grad_(wants)
         if wants and param.dtype != torch.float32:
             param.data = param.data.float()
-    return freeze_table(model)
+    rows = freeze_table(model)
+    refuse_silent_no_ops(rows, args)
+    return rows
+
+
+def refuse_unmapped(model) -> None:
+    """Every parameter belongs to a component, or the freeze flags would not say what it does."""
+    unmapped = [n for n, _ in model.named_parameters() if model.component(n) is None]
+    if unmapped:
+        children = sorted({top_module(n) for n in unmapped})
+        raise FreezeError(
+            f"{len(unmapped)} parameters belong to no component (e.g. {unmapped[:3]}), under {children}. "
+            "Map each module to one with --vision_modules, --connector_modules or --llm_modules "
+            "(module names, e.g. --connector_modules mlp1); model/components.py lists the known ones."
+        )
+
+
+def _declared_modes(args) -> dict[str, list[str]]:
+    """What the flags ask of each component: the modes (lora, full) that must leave it trainable."""
+    lora = args.lora_enable and not args.freeze_lora
+    return {
+        "vision": (["lora"] if lora and args.lora_on_vit else []) + ([] if args.freeze_vit else ["full"]),
+        "connector": [] if args.freeze_qformer else ["full"],
+        "llm": (["lora"] if lora and args.lora_on_llm else []) + ([] if args.freeze_llm else ["full"]),
+    }
+
+
+def refuse_silent_no_ops(rows: list[ComponentRow], args) -> None:
+    """A component the flags declare LoRA or full that ends with nothing trainable (a
+    `frozen_regex` that matched all of it) trains nothing without a word: refused, naming it."""
+    declared = _declared_modes(args)
+    for row in rows:
+        if declared[row.component] and row.total and not row.trainable:
+            raise FreezeError(
+                f"The flags train the {row.component} ({' + '.join(declared[row.component])}) but nothing "
+                f"of it is left trainable: --frozen_regex {args.frozen_regex} matches every one of its "
+                f"{row.total:,} parameters. Narrow the regex, or freeze the {row.component} by its flag."
+            )
 
 
 def freeze_table(model) -> list[ComponentRow]:
     rows = []
     for component in COMPONENTS:
-        params = [(n, p) for n, p in model.named_parameters() if n.split(".", 1)[0] == component]
+        params = [(n, p) for n, p in model.named_parameters() if model.component(n) == component]
         total = sum(logical_numel(p) for _, p in params)  # adapters included
         trainable = sum(logical_numel(p) for n, p in params if p.requires_grad)
         lora_trains = any(p.requires_grad for n, p in params if is_lora(n))

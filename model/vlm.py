@@ -6,8 +6,10 @@ import inspect
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from model.components import component_of, module_table
 from model.loss import linear_cross_entropy
 
 # Image positions in `input_ids` hold this id (LLaVA's convention). It never reaches the
@@ -15,15 +17,100 @@ from model.loss import linear_cross_entropy
 IMAGE_TOKEN_INDEX = -200
 
 
-class VisionLanguageModel(nn.Module):
+class VLMBase(nn.Module):
+    """What every model this repo trains shares, a composed base (`VisionLanguageModel`) or a
+    released VLM (`model.released.ReleasedVLM`): parameters named into the components `vision`,
+    `connector` and `llm`, the training loss at labelled positions only (fused with the LM head
+    where its logits are plain), and what a checkpoint records of the model."""
+
+    def __init__(self, build_args=None, component_table: dict[str, str] | None = None):
+        super().__init__()
+        self.component_table = component_table or module_table()
+        # The LM head fused with the loss in training steps (model/loss.py): decided on the
+        # first training step by `head_is_plain`; False keeps the model's own head and loss.
+        self.fused_loss: bool | None = None if build_args is None or build_args.fused_loss else False
+        # What a checkpoint records of this model: the ModelArguments it was built from (they
+        # rebuild it), the fingerprint of its base weights (`run.checkpoint.load_base`), and the
+        # non-LoRA tensors a parent stage's delta put on that base (`run.checkpoint.load_delta`).
+        self.build_args = build_args
+        self.base_fingerprint: dict[str, str] | None = None
+        self.inherited_delta: set[str] = set()
+
+    def component(self, name: str) -> str | None:
+        """`vision`, `connector` or `llm` for a parameter name of this model (None: unmapped)."""
+        return component_of(name, self.component_table)
+
+    def component_parameters(self, component: str):
+        return [(n, p) for n, p in self.named_parameters() if self.component(n) == component]
+
+    def trains(self, component: str) -> bool:
+        return any(p.requires_grad for _, p in self.component_parameters(component))
+
+    # The two ways to the logits, supplied by each kind of model for `loss_at_labels`:
+    def output_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss_at_labels(self, labels, num_items, hidden_states, own_logits, probe):
+        """The causal-LM loss of a training step, the LM head computed only where the next token
+        has a label (image tokens and prompt, most of a VLM sample, have none).
+
+        `hidden_states()` -> [B, L, D], the last hidden states; `own_logits(keep)` -> the model's
+        own output with logits [N, V] at the `keep` [B, L] positions (`logits_to_keep`);
+        `probe(own: bool)` -> one position's logits [1, 1, V], by the model's own head or ours.
+        Fused with the loss, chunk by chunk, and no logits returned, when the model's logits are
+        its head's output and nothing more (`head_is_plain`); otherwise its own head's logits.
+        """
+        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]; t predicts t + 1
+        keep = shift_labels != -100  # [B, L]
+        if self.fused_loss is None:
+            self.fused_loss = self.head_is_plain(probe)
+        if self.fused_loss:
+            hidden = hidden_states()[keep]  # [N, D]
+            return CausalLMOutputWithPast(loss=linear_cross_entropy(hidden, self.output_head(), shift_labels[keep], num_items))
+        out = own_logits(keep)  # logits [N, V]
+        out.loss = ForCausalLMLoss(
+            out.logits, None, out.logits.shape[-1], num_items_in_batch=num_items, shift_labels=shift_labels[keep]
+        )
+        return zero_loss_if_all_masked(out, labels)
+
+    def head_may_be_plain(self) -> bool:
+        """What can be told without running the model: its head is a plain `nn.Linear` (not
+        LoRA-wrapped or quantized)."""
+        return type(self.output_head()) is nn.Linear
+
+    def head_is_plain(self, probe) -> bool:
+        """Whether the model's logits are its `nn.Linear` head applied to its last hidden states,
+        and nothing more, so that the fused loss may take the head's place. Most are; some change
+        the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling), which
+        the fused loss would silently drop. Checked once, on the first training step (every rank
+        alike), by computing one position both ways, dropout off."""
+        if not self.head_may_be_plain():
+            return False
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            theirs, ours = probe(own=True), probe(own=False)
+        self.train(was_training)
+        return theirs.shape == ours.shape and torch.equal(theirs, ours)
+
+
+def zero_loss_if_all_masked(out, labels):
+    if labels is not None and not (labels[:, 1:] != -100).any():
+        # Every label masked (after the shift): the loss is 0/0 = NaN, which would poison the
+        # weights. A zero that keeps the graph (every rank still syncs) instead.
+        out.loss = out.logits.sum() * 0.0
+    return out
+
+
+class VisionLanguageModel(VLMBase):
     """Children: `vision` (VisionTower), `connector` (projector or resampler), `llm` (causal LM).
 
     Image features are written into the image-token positions of the text embeddings with a
     masked write, in order: batch row by batch row, images in the order they appear.
     """
 
-    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, num_image_tokens: int):
-        super().__init__()
+    def __init__(self, vision: nn.Module, connector: nn.Module, llm: nn.Module, num_image_tokens: int, build_args=None):
+        super().__init__(build_args)
         self.vision = vision
         self.connector = connector
         self.llm = llm
@@ -34,9 +121,6 @@ class VisionLanguageModel(nn.Module):
         # (PEFT's wrapper forwards it; its own forward only says **kwargs.)
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self.head_at_labels_only = "logits_to_keep" in inspect.signature(type(base).forward).parameters
-        # The LM head fused with the loss in training steps (model/loss.py): decided on the
-        # first training step by `head_is_plain`; False keeps the LLM's own head and loss.
-        self.fused_loss: bool | None = None
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -102,54 +186,29 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed_inputs(input_ids, pixel_values)
         if labels is None or not (self.training and torch.is_grad_enabled() and self.head_at_labels_only):
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-            return self._zero_loss_if_all_masked(out, labels)
-        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]; t predicts t + 1
-        keep = shift_labels != -100  # [B, L]
+            return zero_loss_if_all_masked(out, labels)
         num_items = kwargs.pop("num_items_in_batch", None)
-        if self.fused_loss is None:
-            self.fused_loss = self.head_is_plain(embeds)
-        if self.fused_loss:
-            decoder = self.llm.get_decoder()
-            hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
-            loss = linear_cross_entropy(hidden[keep], self.llm.get_output_embeddings(), shift_labels[keep], num_items)
-            return CausalLMOutputWithPast(loss=loss)  # [N, D] -> a scalar; no logits were kept
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
-        out.loss = self.llm.loss_function(  # logits [N, V]
-            out.logits, None, self.llm.config.vocab_size, num_items_in_batch=num_items,
-            shift_labels=shift_labels[keep],
-        )
-        return self._zero_loss_if_all_masked(out, labels)
 
-    @staticmethod
-    def _zero_loss_if_all_masked(out, labels):
-        if labels is not None and not (labels[:, 1:] != -100).any():
-            # Every label masked (after the shift): the LLM's loss is 0/0 = NaN, which would
-            # poison the weights. A zero that keeps the graph (every rank still syncs) instead.
-            out.loss = out.logits.sum() * 0.0
-        return out
+        def hidden_states():
+            return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+        def own_logits(keep):
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+
+        def probe(own: bool):
+            first = embeds[:1, :2].detach()  # [1, 2, D]
+            if own:
+                return self.llm(inputs_embeds=first, logits_to_keep=1).logits  # [1, 1, V]
+            return self.output_head()(self.llm.get_decoder()(inputs_embeds=first).last_hidden_state[:, -1:])
+
+        return self.loss_at_labels(labels, num_items, hidden_states, own_logits, probe)
+
+    def output_head(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
 
     def head_may_be_plain(self) -> bool:
-        """What can be told without running the LLM: it takes `logits_to_keep`, as transformers'
-        own causal LMs do, and its head is a plain `nn.Linear` (not LoRA-wrapped or quantized)."""
-        return self.head_at_labels_only and type(self.llm.get_output_embeddings()) is nn.Linear
-
-    def head_is_plain(self, embeds: torch.Tensor) -> bool:
-        """Whether the LLM's logits are its `nn.Linear` head applied to its decoder's output, and
-        nothing more, so that the fused loss may take the head's place. Most causal LMs are; some
-        change the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling),
-        which the fused loss would silently drop. Checked once, on the first training step (every
-        rank alike), by computing one position of `embeds` both ways, dropout off."""
-        if not self.head_may_be_plain():
-            return False
-        head = self.llm.get_output_embeddings()
-        probe = embeds[:1, :2].detach()  # [1, 2, D]
-        was_training = self.llm.training
-        self.llm.eval()
-        with torch.no_grad():
-            theirs = self.llm(inputs_embeds=probe, logits_to_keep=1).logits  # [1, 1, V]
-            ours = head(self.llm.get_decoder()(inputs_embeds=probe).last_hidden_state[:, -1:])
-        self.llm.train(was_training)
-        return theirs.shape == ours.shape and torch.equal(theirs, ours)
+        """Also: the LLM takes `logits_to_keep`, as transformers' own causal LMs do."""
+        return self.head_at_labels_only and super().head_may_be_plain()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, **generate_kwargs):

@@ -25,7 +25,7 @@ is the step time; the process's CPU time per step is shown beside it, which othe
 shared machine do not inflate), then one memory step. Peak memory is counted, not sampled: the
 model's parameters and buffers and the optimizer's states (each storage once) plus the peak of
 tensor bytes that the memory step allocates on top of them (see `StepMemory`). The plan is our
-model's `--dry_run` plan (`model.memory.plan_memory`) for the same batch. The device's peak
+model's `--dry_run` plan (`tools.memory.plan_memory`) for the same batch. The device's peak
 FLOP/s is a large matmul (fp32 on a CPU, bf16 on a GPU) timed in every process; the best counts.
 """
 
@@ -382,8 +382,8 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from model.flops import step_flops
-    from model.memory import plan_memory, weight_bytes
+    from tools.flops import step_flops
+    from tools.memory import plan_memory, weight_bytes
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -464,7 +464,7 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     )
     if side == "ours":
         from config import TrainArguments
-        from model.trainer import VLMTrainer
+        from run.trainer import VLMTrainer
 
         trainer = VLMTrainer(model=model, args=TrainArguments(**common), train_dataset=dataset,
                              data_collator=collate, callbacks=[StepClock()])
@@ -472,7 +472,7 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
         import trl.trainer.utils
         from trl import SFTConfig, SFTTrainer
 
-        from model.tiny_base import build_tokenizer
+        from tools.tiny_base import build_tokenizer
 
         # TRL scores the LM head in tiles 32768 words wide: a fraction of a real vocabulary
         # (Qwen2.5: 151,936) but 8x all of cpu_small's, where the tile's unused columns would
@@ -692,7 +692,7 @@ def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
     """Each recipe's plan for the shape's batch, built on the meta device from its configs."""
     from model.build import build_model
     from model.freeze import apply_freeze_policy
-    from model.memory import plan_memory
+    from tools.memory import plan_memory
 
     configs = os.path.join(args.workdir or os.path.join(tempfile.gettempdir(), "vlm_bench"), f"{shape_name}-configs")
     write_configs(configs, shape)

@@ -25,10 +25,10 @@ from check_data import num_image_tokens  # noqa: E402
 
 from config import DEMO_CONFIG, DataArguments, ModelArguments  # noqa: E402
 from data.dataset import Collator, SupervisedDataset  # noqa: E402
-from data.synthetic import make_demo_dataset, vocabulary  # noqa: E402
 from model.build import load_processors  # noqa: E402
-from model.tiny_base import make_tiny_base  # noqa: E402
 from model.vlm import IMAGE_TOKEN_INDEX  # noqa: E402
+from tools.synthetic import make_demo_dataset, vocabulary  # noqa: E402
+from tools.tiny_base import make_tiny_base  # noqa: E402
 
 
 @dataclass

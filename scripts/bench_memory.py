@@ -71,17 +71,17 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
     import torch
 
     from config import ModelArguments, TrainArguments
-    from model.build import build_model
     from model.freeze import apply_freeze_policy
-    from model.memory import plan_memory
-    from model.trainer import VLMTrainer
     from model.vlm import IMAGE_TOKEN_INDEX
+    from run.checkpoint import load_base
+    from run.trainer import VLMTrainer
+    from tools.memory import plan_memory
 
     args = ModelArguments(
         vision_model=os.path.join(base_dir, "vision"), llm_model=os.path.join(base_dir, "llm"), **RECIPES[recipe]
     )
     torch.manual_seed(0)
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     plan = plan_memory(model, batch_size, seq_len, ckpt)
 
@@ -179,8 +179,8 @@ def ensure_base(base_dir: str | None) -> str:
     if base_dir:
         return base_dir
     sys.path.insert(0, REPO)
-    from data.synthetic import vocabulary
-    from model.tiny_base import make_tiny_base
+    from tools.synthetic import vocabulary
+    from tools.tiny_base import make_tiny_base
 
     base_dir = os.path.join(tempfile.gettempdir(), "bench_memory_tiny_base")
     if not os.path.isdir(os.path.join(base_dir, "llm")):

@@ -36,10 +36,13 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
 )
 
-from model.build import build_model  # noqa: E402
-from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.freeze import apply_freeze_policy  # noqa: E402
 from model.vision import load_vision_encoder  # noqa: E402
+from run.checkpoint import (  # noqa: E402
+    load_base,  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
 LLAVA_LLMS = ("llama", "qwen2", "mistral")
@@ -136,7 +139,7 @@ def export_merged(model, tokenizer, image_processor, out: str, source: str) -> N
         freeze_vit=True, freeze_llm=True, freeze_qformer=False, lora_enable=False, freeze_lora=False,
         trainable_regex=None, frozen_regex=None, bits=16, build_tiny_base_if_missing=False,
     )
-    merged = build_model(args)
+    merged = load_base(args)
     merged.connector.load_state_dict(model.connector.state_dict())
     apply_freeze_policy(merged, args)
     save_checkpoint(merged, out, tokenizer, parent=source)

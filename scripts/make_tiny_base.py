@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.synthetic import vocabulary  # noqa: E402
-from model.tiny_base import make_tiny_base  # noqa: E402
+from tools.synthetic import vocabulary  # noqa: E402
+from tools.tiny_base import make_tiny_base  # noqa: E402
 
 
 @dataclass

@@ -40,10 +40,10 @@ from data.messages import as_llava_file  # noqa: E402
 from data.prompt import IMAGE_MARKER, VIDEO_MARKER, add_image_markers, expand_video_marker  # noqa: E402
 from data.records import DataError  # noqa: E402
 from infer import InferArguments  # noqa: E402
-from model.build import build_model  # noqa: E402
-from model.checkpoint import CheckpointError, check_base, checkpoint_step, load_checkpoint  # noqa: E402
 from model.freeze import apply_freeze_policy, format_table  # noqa: E402
-from predict import generate_answers  # noqa: E402
+from run.checkpoint import CheckpointError, check_base, load_base, load_checkpoint  # noqa: E402
+from run.predict import generate_answers  # noqa: E402
+from run.run_folder import checkpoint_step  # noqa: E402
 
 MAX_PIXELS = 4096 * 4096  # a page anyone can post to gets a tighter cap than PIL's bomb limit
 MAX_UPLOAD = "20mb"
@@ -83,7 +83,7 @@ def build_base(finetuned, manifest: dict, ckpt_dir: str):
         with open(config) as f:
             seed = ((yaml.safe_load(f) or {}).get("train") or {}).get("seed", 0)
     set_seed(seed)
-    base = build_model(finetuned.build_args)
+    base = load_base(finetuned.build_args)
     check_base(base, manifest)
     apply_freeze_policy(base, base.build_args)  # as the loader does: same dtypes as the fine-tuned
     base.requires_grad_(False)

@@ -19,8 +19,8 @@ for path in (REPO_ROOT, TESTS_DIR):  # the repo's modules, and `from helpers imp
 
 import pytest  # noqa: E402
 
-from data.synthetic import make_demo_dataset, vocabulary  # noqa: E402
-from model.tiny_base import make_tiny_base  # noqa: E402
+from tools.synthetic import make_demo_dataset, vocabulary  # noqa: E402
+from tools.tiny_base import make_tiny_base  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,24 +13,23 @@ from helpers import tiny_model_args
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.synthetic import vocabulary
-from model.build import build_model, load_processors
-from model.checkpoint import (
+from model.build import load_processors
+from model.freeze import apply_freeze_policy, is_lora
+from model.vlm import IMAGE_TOKEN_INDEX
+from run.checkpoint import (
     ADAPTERS,
-    COMPLETE,
     DELTA,
     MANIFEST,
     CheckpointError,
-    latest_checkpoint,
+    load_base,
     load_checkpoint,
-    prune_checkpoints,
+    load_delta,
     save_checkpoint,
 )
-from model.fingerprint import fingerprint
-from model.freeze import apply_freeze_policy, is_lora
-from model.tiny_base import make_tiny_base
-from model.vlm import IMAGE_TOKEN_INDEX
-from train import init_from_parent
+from run.fingerprint import fingerprint
+from run.run_folder import COMPLETE, latest_checkpoint, prune_checkpoints
+from tools.synthetic import vocabulary
+from tools.tiny_base import make_tiny_base
 
 LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8)
 RECIPES = {
@@ -86,7 +85,7 @@ def param_bytes(model, names) -> int:
 
 def build_trained(args, batch_seed: int = 0):
     """Built, frozen by the policy, trained two steps; returns (model, batch, trained snapshot)."""
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     batch = tiny_batch(model, batch_seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -135,8 +134,8 @@ def test_freeze_lora_stage_two_stands_alone(tiny_base, tmp_path):
     save_checkpoint(stage1, stage1_dir, tokenizer)
 
     args2 = tiny_model_args(tiny_base, **LORA, freeze_lora=True)
-    stage2 = build_model(args2)
-    init_from_parent(stage2, stage1_dir)
+    stage2 = load_base(args2)
+    load_delta(stage2, stage1_dir, new_adapters_ok=True)  # what --init_from does
     apply_freeze_policy(stage2, args2)
     assert not any(p.requires_grad for n, p in stage2.named_parameters() if is_lora(n) or n in inherited_only)
     lora_before = {n: p.detach().clone() for n, p in stage2.named_parameters() if is_lora(n)}
@@ -184,7 +183,7 @@ def copy_of(saved_lora, tmp_path):
 
 
 def test_other_base_is_refused_naming_both_fingerprints(saved_lora, ckpt_base_seed1, tiny_base):
-    other = build_model(tiny_model_args(ckpt_base_seed1)).base_fingerprint
+    other = load_base(tiny_model_args(ckpt_base_seed1)).base_fingerprint
     trained_on = saved_lora["fingerprint"]
     assert other["llm"] != trained_on["llm"] and other["vision"] != trained_on["vision"]
     with pytest.raises(CheckpointError, match="fingerprint mismatch") as error:
@@ -321,12 +320,12 @@ def test_prune_keeps_newest_complete_and_drops_leftovers(tmp_path):
 
 def test_init_from_may_add_lora_but_never_drop_it(saved_lora, tiny_base):
     # A LoRA stage may start from a parent without LoRA (LLaVA: pretrain -> LoRA finetune) ...
-    vision_lora_only = build_model(tiny_model_args(tiny_base, **LORA, lora_target="vit"))
+    vision_lora_only = load_base(tiny_model_args(tiny_base, **LORA, lora_target="vit"))
     with pytest.raises(CheckpointError, match="holds adapters"):
         # ... but a stage without the parent's LLM adapter would silently drop trained weights.
-        init_from_parent(vision_lora_only, saved_lora["path"])
-    with_more_lora = build_model(tiny_model_args(tiny_base, **LORA, lora_target="both"))
-    init_from_parent(with_more_lora, saved_lora["path"])
+        load_delta(vision_lora_only, saved_lora["path"], new_adapters_ok=True)
+    with_more_lora = load_base(tiny_model_args(tiny_base, **LORA, lora_target="both"))
+    load_delta(with_more_lora, saved_lora["path"], new_adapters_ok=True)
     vision_lora_b = [p for n, p in with_more_lora.vision.named_parameters() if "lora_B" in n]
     assert vision_lora_b and all(torch.all(p == 0) for p in vision_lora_b)  # fresh, PEFT's init
     parent = load_file(os.path.join(saved_lora["path"], "llm_adapter", "adapter_model.safetensors"))

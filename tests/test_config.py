@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from config import (
+    DEFAULT_LLM,
     ConfigError,
     ModelArguments,
     config_dict,
@@ -74,7 +75,7 @@ def test_no_arguments_means_the_demo_config():
 def test_command_line_without_yaml_uses_defaults_not_the_demo(tmp_path):
     model_args, _, train_args = parse_config(["--output_dir", str(tmp_path), "--lora_r", "8"])
     assert model_args.lora_r == 8
-    assert model_args.llm_model == ModelArguments.llm_model  # the dataclass default, not demo.yaml's
+    assert model_args.llm_model == DEFAULT_LLM  # the composed default (LLaVA-1.5), not demo.yaml's
     assert train_args.output_dir == str(tmp_path)
 
 

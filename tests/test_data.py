@@ -31,7 +31,7 @@ from data.prompt import (
 )
 from data.records import DataError
 from data.validate import check_training_data, validate_cached, validate_data_file
-from predict import first_question
+from run.predict import first_question
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOKEN = -200
@@ -764,13 +764,13 @@ def test_train_refuses_bad_data_and_skip_bad_samples_trains_on_the_rest(mixed_ru
 
 @pytest.fixture(scope="module")
 def mixed_checkpoint(mixed_run):
-    from model.checkpoint import load_checkpoint
+    from run.checkpoint import load_checkpoint
 
     return load_checkpoint(mixed_run["out"])
 
 
 def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
-    from predict import predict_records
+    from run.predict import predict_records
 
     model, tokenizer, image_processor, _ = mixed_checkpoint
     records = read_records(mixed_run["data"], skip={5})
@@ -793,7 +793,7 @@ def spy_on_generation(monkeypatch):
 
 
 def test_infer_takes_several_images_in_order(mixed_run, mixed_checkpoint, monkeypatch, capsys):
-    from predict import generate_answers
+    from run.predict import generate_answers
 
     infer, calls = spy_on_generation(monkeypatch)
     red, blue = (os.path.join(mixed_run["media"], n) for n in ("red.png", "blue.png"))
@@ -820,7 +820,7 @@ def test_infer_takes_a_video(mixed_run, monkeypatch):
 
 
 def test_infer_takes_a_video_file(mixed_run, mixed_checkpoint, monkeypatch):
-    from predict import generate_answers
+    from run.predict import generate_answers
 
     infer, calls = spy_on_generation(monkeypatch)
     movie = os.path.join(mixed_run["media"], "movie.mp4")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import DELTA, load_checkpoint, read_manifest
+from run.checkpoint import DELTA, load_checkpoint, read_manifest
 from tests.helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, torchrun_train
 
 deepspeed = pytest.importorskip("deepspeed", reason="pip install -r requirements-deepspeed.txt (CI does)")

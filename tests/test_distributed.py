@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import DELTA
+from run.checkpoint import DELTA
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

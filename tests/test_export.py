@@ -16,13 +16,13 @@ from helpers import tiny_model_args
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from data.prompt import tokenize_prompt
-from data.synthetic import make_image
-from model.build import build_model, load_processors
-from model.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from model.build import load_processors
 from model.freeze import apply_freeze_policy
 from model.vision import load_vision_encoder
-from predict import generate_answers
+from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
+from run.predict import generate_answers
 from scripts.export_hf import main as export_main
+from tools.synthetic import make_image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What color are the shapes?"
@@ -32,7 +32,7 @@ LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8)
 def perturbed_checkpoint(args, path: str) -> str:
     """No training needed: every trainable tensor (LoRA B included, which starts at zero) is
     moved off its initial value, so the export differs from the base wherever a delta exists."""
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

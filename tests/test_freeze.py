@@ -16,10 +16,10 @@ import torch
 from helpers import tiny_model_args
 
 from config import TrainArguments
-from model.build import build_model
 from model.freeze import apply_freeze_policy
-from model.trainer import VLMTrainer
 from model.vlm import IMAGE_TOKEN_INDEX
+from run.checkpoint import load_base
+from run.trainer import VLMTrainer
 
 STEPS = 3  # LoRA B starts at zero, so A only gets a non-zero gradient from step 2 on
 
@@ -198,7 +198,7 @@ def test_freeze_audit(recipe, checkpointing, tiny_base, tmp_path):
     overrides, should_train, modes = RECIPES[recipe]
     args = tiny_model_args(tiny_base, **overrides)
     torch.manual_seed(0)
-    model = build_model(args)
+    model = load_base(args)
     rows = apply_freeze_policy(model, args)
 
     # What trains is what the recipe says, name by name.
@@ -275,7 +275,7 @@ def test_qlora_really_quantizes_and_learns(bits, tiny_base, tmp_path):
     quant_cls = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     args = tiny_model_args(tiny_base, bits=bits, lora_enable=True)
     torch.manual_seed(0)
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
 
     decoder_linears = [
@@ -319,7 +319,7 @@ def test_an_eval_pass_leaves_4bit_training_intact(tiny_base):
     def connector_grad(evaluate_first: bool):
         torch.manual_seed(0)
         args = tiny_model_args(tiny_base, bits=4, lora_enable=True, lora_dropout=0.0)
-        model = build_model(args)
+        model = load_base(args)
         apply_freeze_policy(model, args)
         layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
@@ -341,7 +341,7 @@ def test_an_eval_pass_leaves_4bit_training_intact(tiny_base):
 def test_per_component_learning_rates_reach_the_optimizer(tiny_base, tmp_path):
     """LLaVA's LoRA recipe: 2e-4 for LoRA, 2e-5 for the projector; a third rate for the tower."""
     args = tiny_model_args(tiny_base, bits=4, lora_enable=True, lora_target="both")
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.vision.modules())  # QLoRA on the ViT
     trainer = make_trainer(model, tmp_path, learning_rate=2e-4, connector_lr=2e-5, vision_lr=1e-5)
@@ -360,7 +360,7 @@ def test_per_component_learning_rates_reach_the_optimizer(tiny_base, tmp_path):
 
 def test_rates_default_to_learning_rate(tiny_base, tmp_path):
     args = tiny_model_args(tiny_base, lora_enable=True, lora_target="both")
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     optimizer = make_trainer(model, tmp_path, learning_rate=3e-4).create_optimizer()
     assert {g["lr"] for g in optimizer.param_groups} == {3e-4}

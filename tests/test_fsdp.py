@@ -10,8 +10,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from model.build import build_model
-from model.checkpoint import DELTA, load_checkpoint
+from run.checkpoint import DELTA, load_base, load_checkpoint
 from tests.helpers import LORA_AND_CONNECTOR, tiny_model_args, torchrun_train
 
 # Measured: connector within 1.3e-5, LoRA within 2e-4 (of values up to ~1) after 3 SGD steps at
@@ -21,7 +20,7 @@ SAME_TRAINING = {"atol": 5e-4, "rtol": 1e-3}
 
 
 def test_wrap_policy_names_the_decoder_and_encoder_layers(tiny_base):
-    model = build_model(tiny_model_args(tiny_base))
+    model = load_base(tiny_model_args(tiny_base))
     assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(model._no_split_modules)
     present = {type(m).__name__ for m in model.modules()}
     assert set(model._no_split_modules) <= present  # accelerate refuses a name it cannot find

@@ -19,10 +19,10 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import model.loss
-from model.build import build_model
 from model.freeze import apply_freeze_policy
 from model.loss import linear_cross_entropy
 from model.vlm import IMAGE_TOKEN_INDEX
+from run.checkpoint import load_base
 
 VOCAB, DIM, ROWS = 50, 16, 30
 
@@ -139,7 +139,7 @@ def training_batch(model, seed: int = 0):
 def built(tiny_base, **overrides):
     args = tiny_model_args(tiny_base, **overrides)
     torch.manual_seed(0)
-    vlm = build_model(args)
+    vlm = load_base(args)
     apply_freeze_policy(vlm, args)
     return vlm.train()
 

@@ -16,10 +16,10 @@ from helpers import tiny_model_args
 from test_freeze import RECIPES, fixed_batch
 
 from config import parse_config
-from model.build import build_model
 from model.freeze import apply_freeze_policy
-from model.memory import format_plan, plan_memory
+from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
+from tools.memory import format_plan, plan_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def built(tiny_base, **overrides):
     args = tiny_model_args(tiny_base, **overrides)
     torch.manual_seed(0)
-    model = build_model(args)
+    model = load_base(args)
     apply_freeze_policy(model, args)
     return model
 
@@ -66,7 +66,7 @@ def test_dry_run_prints_table_and_plan_and_trains_nothing(tiny_base, demo_data, 
     # What it printed is the freeze table, then the plan of this model for batch 3 x 200 tokens
     # with checkpointing on: the same text the function gives in this process.
     model_args, _, _ = parse_config(argv)
-    model = build_model(model_args)
+    model = load_base(model_args)
     apply_freeze_policy(model, model_args)
     expected = format_plan(plan_memory(model, 3, 200, gradient_checkpointing=True))
     with open(os.path.join(out, "freeze_table.txt")) as f:

@@ -165,8 +165,8 @@ def test_a_missing_llava_file_is_not_taken_for_a_hub_id(tmp_path):
 def test_infer_answers_a_messages_file(tmp_path, media, tiny_base, monkeypatch, capsys):
     """infer.py --data reads a messages-format file as train.py reads it: the same prompts, images."""
     import infer
-    import predict
     import train
+    from run import predict
 
     out = str(tmp_path / "run")
 

@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from data.dataset import Collator, SupervisedDataset
-from model.build import build_model
 from model.freeze import apply_freeze_policy
 from model.vision import VisionTower, load_vision_encoder
 from model.vlm import IMAGE_TOKEN_INDEX
+from run.checkpoint import load_base
 
 IMAGE_SIZE = 48  # the tiny towers' input size
 NUM_PATCHES = 64  # (48 / 6) ** 2
@@ -31,7 +31,7 @@ NUM_PATCHES = 64  # (48 / 6) ** 2
 def build(base: dict, **overrides):
     torch.manual_seed(0)  # the connector is freshly initialised
     args = tiny_model_args(base, **overrides)
-    return build_model(args), args
+    return load_base(args), args
 
 
 def random_pixels(n: int, seed: int) -> torch.Tensor:
@@ -323,7 +323,7 @@ def test_logits_match_transformers_llava(clip_mlp_model, tiny_base):
 
 
 def test_an_all_masked_batch_gives_zero_loss_not_nan(model_args):
-    model = build_model(model_args(freeze_llm=False))
+    model = load_base(model_args(freeze_llm=False))
     input_ids = torch.randint(0, 100, (2, 10))
     labels = torch.full_like(input_ids, -100)
     labels[:, 0] = input_ids[:, 0]  # nothing left to predict after the shift

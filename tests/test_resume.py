@@ -14,7 +14,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import COMPLETE, DELTA, latest_checkpoint
+from run.checkpoint import DELTA
+from run.run_folder import COMPLETE, latest_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}

@@ -82,7 +82,7 @@ def test_ddp_sharding_gives_each_rank_its_share_of_one_modality_per_step():
 
 def test_the_trainer_draws_in_the_sampler_s_order(tmp_path):
     from config import TrainArguments
-    from model.trainer import VLMTrainer
+    from run.trainer import VLMTrainer
 
     lengths, multimodal = mixed(n=40)
     sampler = ModalityLengthGroupedSampler(lengths, multimodal, BATCH, seed=0)

@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from data.media import load_image
-from model.checkpoint import load_checkpoint
-from predict import generate_answers
+from run.checkpoint import load_checkpoint
+from run.predict import generate_answers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # generous: the machine is shared, and this is a hang guard, not a benchmark

@@ -132,7 +132,7 @@ def serve(workdir: str, *pages: list[str]):
 
 @pytest.fixture(scope="module")
 def refused_checkpoint(checkpoint, workdir) -> str:
-    """A delta whose manifest names other base weights: model.checkpoint refuses it."""
+    """A delta whose manifest names other base weights: run.checkpoint refuses it."""
     refused = "outputs/refused"
     shutil.copytree(os.path.join(workdir, checkpoint), os.path.join(workdir, refused))
     manifest_path = os.path.join(workdir, refused, "vlm_manifest.json")

@@ -1,13 +1,21 @@
 """A cheap fingerprint of base weights, so a delta is never applied to the wrong base."""
 
 import hashlib
+import re
 
 import torch
 from torch import nn
 
-from model.sharding import gathered
+from run.sharding import gathered
 
 SAMPLES_PER_TENSOR = 4096
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base as loaded: without the wrappers PEFT adds around it
+    (`base_model.model.` around the model, `.base_layer` inside each adapted layer), so a base
+    fingerprints the same before and after LoRA is added."""
+    return re.sub(r"(^|\.)base_model\.model(\.|$)", r"\1", name).replace(".base_layer", "")
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -16,13 +24,15 @@ def fingerprint(module: nn.Module) -> str:
     Linear weights are skipped so that the fingerprint is the same whether the base loads in
     fp32, bf16, 8-bit or 4-bit; the embeddings, norms and patch embeddings that remain differ
     between any two trained (or two differently seeded) bases. Values are rounded to bf16 first
-    for the same reason.
+    for the same reason. Adapters are not base weights and are skipped.
     """
+    modules = sorted(((base_name(name), child) for name, child in module.named_modules()), key=lambda item: item[0])
     sampled = [
-        (f"{module_name}.{name}", param)
-        for module_name, child in sorted(module.named_modules(), key=lambda item: item[0])
+        (f"{module_name}.{name}".lstrip("."), param)
+        for module_name, child in modules
         if not isinstance(child, nn.Linear)
         for name, param in sorted(child.named_parameters(recurse=False))
+        if "lora_" not in name
     ]
     digest = hashlib.sha256()
     with gathered([param for _, param in sampled]):  # ZeRO-3 shards are empty until gathered

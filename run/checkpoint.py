@@ -8,8 +8,10 @@ A checkpoint folder (the final output and every `checkpoint-N` alike):
     vision_adapter/          (the same, when the vision tower has LoRA)
     chat_template.jinja      the template the prompts were built with
 
-`load_checkpoint` is the one loader: infer.py, --init_from, export and the tests all use it.
-It rebuilds the base, checks its fingerprint, and loads the delta strictly.
+One loader: `load_base` builds a base and fingerprints it; `load_delta` is the only code that
+opens a checkpoint: manifest -> base fingerprint check -> strict delta load. `load_checkpoint`
+(infer.py, export, the web page, the tests) is the two together; `--init_from` and resuming call
+`load_delta` on the model they train.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import peft
 import safetensors
@@ -29,7 +30,8 @@ from safetensors.torch import save_file
 from config import ModelArguments
 from model.build import build_model, load_processors
 from model.freeze import apply_freeze_policy, is_lora
-from model.sharding import full_shape, gathered
+from run.fingerprint import fingerprint
+from run.sharding import full_shape, gathered
 
 FORMAT_VERSION = 1
 MANIFEST = "vlm_manifest.json"
@@ -50,7 +52,7 @@ def _adapted_modules(model) -> dict[str, PeftModel]:
 
 def delta_names(model) -> list[str]:
     """Non-LoRA tensors that differ from the base: trainable now, or loaded from a parent stage."""
-    inherited = getattr(model, "inherited_delta", set())
+    inherited = model.inherited_delta
     return [
         name
         for name, param in model.named_parameters()
@@ -249,6 +251,37 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
     return set(tensors)
 
 
+def load_base(args: ModelArguments, weights: bool = True):
+    """The base a config (or a manifest) names, built by `model.build.build_model`, with the
+    fingerprint of its weights: what a checkpoint records, and what `load_delta` checks."""
+    model = build_model(args, weights=weights)
+    if weights:
+        model.base_fingerprint = {"vision": fingerprint(model.vision), "llm": fingerprint(model.llm)}
+    return model
+
+
+def load_delta(model, ckpt_dir: str, new_adapters_ok: bool = False, allow_base_mismatch: bool = False) -> dict:
+    """Open `ckpt_dir` onto `model`: its manifest, the base fingerprint check, the strict delta
+    load. The one place a checkpoint is read. Returns the manifest."""
+    manifest = read_manifest(ckpt_dir)
+    check_base(model, manifest, allow_base_mismatch)
+    model.inherited_delta = apply_delta(model, ckpt_dir, manifest, new_adapters_ok=new_adapters_ok)
+    return manifest
+
+
+def checkpoint_model_args(ckpt_dir: str, **overrides) -> ModelArguments:
+    """The ModelArguments a checkpoint was trained with (its manifest), base paths resolved
+    against the folder; `overrides` that are not None replace stored values."""
+    manifest = read_manifest(ckpt_dir)
+    fields = {f.name for f in dataclasses.fields(ModelArguments)}
+    stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
+    stored["vision_model"] = _resolve_base(stored["vision_model"], ckpt_dir)
+    stored["llm_model"] = _resolve_base(stored["llm_model"], ckpt_dir)
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    stored["build_tiny_base_if_missing"] = False
+    return ModelArguments(**stored)
+
+
 def load_checkpoint(
     ckpt_dir: str,
     base_vision: str | None = None,
@@ -260,21 +293,10 @@ def load_checkpoint(
 
     Returns (model, tokenizer, image_processor, manifest), the model in eval mode.
     """
+    args = checkpoint_model_args(ckpt_dir, vision_model=base_vision, llm_model=base_llm, **model_overrides)
+    model = load_base(args)
     manifest = read_manifest(ckpt_dir)
-    fields = {f.name for f in dataclasses.fields(ModelArguments)}
-    stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
-    stored["vision_model"] = _resolve_base(stored["vision_model"], ckpt_dir)
-    stored["llm_model"] = _resolve_base(stored["llm_model"], ckpt_dir)
-    stored.update({k: v for k, v in model_overrides.items() if v is not None})
-    if base_vision:
-        stored["vision_model"] = base_vision
-    if base_llm:
-        stored["llm_model"] = base_llm
-    stored["build_tiny_base_if_missing"] = False
-    args = ModelArguments(**stored)
-
-    model = build_model(args)
-    check_base(model, manifest, allow_base_mismatch)
+    check_base(model, manifest, allow_base_mismatch)  # before anything else is said of the delta
     apply_freeze_policy(model, args)  # the recipe's trainable set, to check the delta covers it
     untrained = [
         n for n, p in model.named_parameters() if p.requires_grad and not is_lora(n) and n not in manifest["tensors"]
@@ -284,58 +306,9 @@ def load_checkpoint(
             f"{ckpt_dir}: the recipe trains {untrained[:10]} (of {len(untrained)}) but the delta "
             "does not hold them: the checkpoint is incomplete."
         )
-    model.inherited_delta = apply_delta(model, ckpt_dir, manifest)
+    load_delta(model, ckpt_dir, allow_base_mismatch=allow_base_mismatch)
     template = os.path.join(ckpt_dir, CHAT_TEMPLATE)
     tokenizer, image_processor = load_processors(args, template if os.path.isfile(template) else None)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer, image_processor, manifest
-
-
-COMPLETE = "checkpoint_complete"  # written last: the Trainer's files (optimizer, RNG, state) too
-
-
-def checkpoint_step(path: str) -> int | None:
-    name = os.path.basename(os.path.normpath(path))
-    digits = name[len("checkpoint-") :]
-    return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
-
-
-def mark_complete(ckpt_dir: str) -> None:
-    tmp = os.path.join(ckpt_dir, COMPLETE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("ok\n")
-    os.replace(tmp, os.path.join(ckpt_dir, COMPLETE))  # atomic on POSIX
-
-
-def is_complete(ckpt_dir: str) -> bool:
-    return os.path.isfile(os.path.join(ckpt_dir, COMPLETE))
-
-
-def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every `checkpoint-N` folder in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = ((checkpoint_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir))
-    return sorted((step, path) for step, path in steps if step is not None)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` in `output_dir`. A folder cut off mid-save (no
-    completion mark) is never taken."""
-    complete = [path for _, path in _checkpoint_folders(output_dir) if is_complete(path)]
-    return complete[-1] if complete else None
-
-
-def prune_checkpoints(output_dir: str, keep: int | None) -> None:
-    """`save_total_limit` that never deletes the newest complete checkpoint: keeps the `keep`
-    newest complete ones, and removes the leftovers of cut-off saves older than the newest."""
-    folders = _checkpoint_folders(output_dir)
-    complete = [path for _, path in folders if is_complete(path)]
-    if not complete:
-        return
-    newest = checkpoint_step(complete[-1])
-    doomed = complete[: -keep] if keep and keep > 0 else []
-    doomed += [path for step, path in folders if step < newest and not is_complete(path)]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)

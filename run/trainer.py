@@ -7,7 +7,8 @@ import os
 import torch
 from transformers import Trainer
 
-from model.checkpoint import apply_delta, mark_complete, prune_checkpoints, read_manifest, save_checkpoint
+from run.checkpoint import load_delta, save_checkpoint
+from run.run_folder import mark_complete, prune_checkpoints
 
 
 class VLMTrainer(Trainer):
@@ -40,7 +41,7 @@ class VLMTrainer(Trainer):
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                groups.setdefault((name.split(".", 1)[0], name in decay), []).append(param)
+                groups.setdefault((model.component(name), name in decay), []).append(param)
         param_groups = [
             {
                 "params": params,
@@ -82,5 +83,5 @@ class VLMTrainer(Trainer):
             prune_checkpoints(run_dir, limit)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
-        apply_delta(model, resume_from_checkpoint, read_manifest(resume_from_checkpoint))
+        # The one loader: a checkpoint-N from a run on another base is refused here too.
+        load_delta(model or self.model, resume_from_checkpoint)

@@ -1,0 +1,51 @@
+"""Which component a parameter belongs to: `vision`, `connector` or `llm`, for every model.
+
+A composed base names its children so (`vision.encoder...`, `connector...`, `llm...`); a released
+VLM names them its own way, and the same table maps both. A parameter's name is read from its
+deepest module name up, and the first name the table knows decides: Qwen2.5-VL's connector
+`model.visual.merger` sits inside its vision module `model.visual`, so `merger` wins there.
+
+    model.vision_tower.encoder.layers.0.mlp.fc1.weight   -> vision     (llava, paligemma, minicpmv4_6)
+    model.visual.merger.mlp.0.weight                     -> connector  (qwen2_5_vl)
+    model.connector.modality_projection.proj.weight      -> connector  (smolvlm)
+    model.language_model.layers.0.self_attn.q_proj.weight -> llm
+    lm_head.weight                                       -> llm        (the LM head belongs to the LLM)
+
+A family this table does not know is mapped from the config, without a code change:
+`--vision_modules img_encoder --connector_modules mlp1` (see `ModelArguments`).
+"""
+
+from __future__ import annotations
+
+COMPONENTS = ("vision", "connector", "llm")
+
+# Module names that mark each component, in transformers' released VLMs and in our composed one.
+KNOWN_MODULES = {
+    "vision": ("vision", "vision_tower", "visual", "vision_model"),
+    "connector": ("connector", "multi_modal_projector", "merger", "resampler", "mm_projector"),
+    "llm": ("llm", "language_model", "text_model", "lm_head"),
+}
+
+
+def module_table(extra: dict[str, list[str] | None] | None = None) -> dict[str, str]:
+    """{module name: component}: the known names plus a config's own (`--vision_modules` ...)."""
+    table = {name: component for component, names in KNOWN_MODULES.items() for name in names}
+    for component, names in (extra or {}).items():
+        table.update({name: component for name in names or []})
+    return table
+
+
+def component_of(name: str, table: dict[str, str]) -> str | None:
+    """The component of a parameter (or module) name: its deepest module name in `table`, or
+    None when no part of the name is known."""
+    for part in reversed(name.split(".")):
+        if part in table:
+            return table[part]
+    return None
+
+
+def top_module(name: str) -> str:
+    """The top-level module a parameter sits in, as a user maps it: `model.vision_tower` in a
+    released VLM (whose children sit under `model.`), without the wrappers around the model."""
+    parts = name.removeprefix("vlm.").removeprefix("base_model.model.").split(".")
+    return ".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1])
