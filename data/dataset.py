@@ -27,7 +27,8 @@ def normalise_record(raw: RawRecord) -> dict:
     the loaders need one shape. Validation (data/validate.py) says in detail what is wrong with
     a record that fails here."""
     if raw.error is not None:
-        raise DataError(f"{raw.location}: {raw.error}")
+        named = f" (id {raw.record_id})" if raw.record_id is not None else ""
+        raise DataError(f"{raw.location}{named}: {raw.error}")
     record = raw.record
     try:
         images = record.get("image")

@@ -28,17 +28,22 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
 
 
 def resolve_image_path(image_folder: str | None, name: str) -> str:
-    """`name` inside `image_folder` (the working directory when None). Absolute names and `..`
-    that climb out of the folder are refused: a data file must not read arbitrary files.
-    The check is on the path as written; links inside the folder are followed as usual."""
+    """`name` inside `image_folder` (the working directory when None). A data file must not read
+    arbitrary files: a path is read only inside the folder the user named. An absolute name is
+    read when it lies inside `--image_folder` (MiniCPM-V's docs write absolute paths), never
+    when no folder was named; `..` that climbs out of the folder is refused. The check is on the
+    path as written; links inside the folder are followed as usual."""
     if not isinstance(name, str) or not name.strip():
         raise ImageError(f"image name {name!r} is not a file name.")
     root = os.path.normpath(image_folder or ".")
-    path = os.path.normpath(os.path.join(root, name))
-    if os.path.isabs(name) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
+    path = os.path.normpath(os.path.join(root, name))  # an absolute name stays itself
+    climbs_out = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).split(os.sep)[0] == os.pardir
+    if climbs_out or (os.path.isabs(name) and image_folder is None):
         raise ImageError(
-            f"image path {name!r} escapes --image_folder {image_folder!r}: image paths must be "
-            "relative to the folder and stay inside it."
+            f"image path {name!r} escapes --image_folder {image_folder!r}: a data file reads images "
+            "only inside the folder --image_folder names. To read it, pass --image_folder "
+            f"{os.path.dirname(os.path.abspath(path))} or a folder above it (relative image paths "
+            "are then read from there too)."
         )
     return path
 

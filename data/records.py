@@ -3,6 +3,9 @@
 A malformed JSONL line or a record with non-UTF-8 bytes is one bad record (with its line
 number), not an exception that stops the read: validation lists it, `--skip_bad_samples`
 trains on the others. Only a .json file that does not parse at all is unreadable as a whole.
+Files as Windows tools write them read the same: a UTF-8 byte-order mark, CRLF line ends.
+Records in other projects' shapes (MiniCPM-V's) are read as LLaVA's here (`data/formats.py`),
+so every later step sees one shape.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from data.formats import as_llava_record
 
 
 class DataError(ValueError):
@@ -23,7 +28,8 @@ class RawRecord:
     location: str  # "line 12" (JSONL, 1-based) or "index 3" (JSON list, 0-based)
     record: dict | None  # None when `error` says why the record could not be read
     error: str | None = None
-    error_kind: str | None = None  # "malformed_json" | "not_a_record" | "non_utf8"
+    # "malformed_json" | "not_a_record" | "non_utf8" | "bad_record" | "image_placeholder"
+    error_kind: str | None = None
 
     @property
     def record_id(self) -> str | None:
@@ -55,6 +61,10 @@ def _checked(position: int, location: str, record) -> RawRecord:
         return RawRecord(
             position, location, record, "text that is not valid UTF-8; re-encode the file as UTF-8", "non_utf8"
         )
+    record, problem = as_llava_record(record)
+    if problem is not None:
+        kind, reason = problem
+        return RawRecord(position, location, record, reason, kind)
     return RawRecord(position, location, record)
 
 
@@ -69,15 +79,21 @@ def iter_records(data_path: str) -> Iterator[RawRecord]:
     if not os.path.isfile(data_path):
         raise DataError(f"--data_path {data_path}: no such file.")
     with open(data_path, "rb") as f:
-        text = f.read().decode("utf-8", errors="surrogateescape")
+        # utf-8-sig: the byte-order mark Windows tools write is not part of the first record.
+        text = f.read().decode("utf-8-sig", errors="surrogateescape")
     if _is_jsonl(data_path, text):
         position = 0
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines also splits at a lone "\r" and at U+2028,
+        # U+0085, ..., which JSON allows inside a string, and would make one record two bad lines.
+        for number, line in enumerate(text.split("\n"), start=1):
+            # CRLF line ends; a mark at any line's start is a file concatenated with its mark.
+            line = line.removesuffix("\r").removeprefix("\ufeff")
             if not line.strip():
                 continue
             location = f"line {number}"
             try:
-                yield _checked(position, location, json.loads(line))
+                # strict=False: a raw control character (a stray "\r") inside a string is text.
+                yield _checked(position, location, json.loads(line, strict=False))
             except json.JSONDecodeError as e:
                 yield RawRecord(
                     position, location, None, f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json"
@@ -85,7 +101,7 @@ def iter_records(data_path: str) -> Iterator[RawRecord]:
             position += 1
         return
     try:
-        records = json.loads(text)
+        records = json.loads(text, strict=False)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{data_path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}); the "

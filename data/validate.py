@@ -45,7 +45,7 @@ from data.prompt import (
 )
 from data.records import DataError, iter_records
 
-VERSION = 2  # part of the cache key: a change of the checks re-checks every file
+VERSION = 3  # part of the cache key: a change of the checks re-checks every file
 
 # What each kind of problem does: "fatal" stops training whatever the flags (the file or the
 # template is wrong, not a record); "error" stops it unless --skip_bad_samples; "dropped" is
@@ -57,6 +57,7 @@ SEVERITY = {
     "not_a_record": "error",
     "non_utf8": "error",
     "bad_record": "error",
+    "image_placeholder": "error",
     "roles": "error",
     "ends_on_human": "error",
     "empty_answer": "error",
@@ -72,6 +73,18 @@ SEVERITY = {
     "duplicate_id": "warning",
 }
 
+# When no record at all is usable, the setup is more likely wrong than every record: the most
+# common problem says which part of it to look at.
+NOTHING_USABLE_HINTS = {
+    "missing_image": "is --image_folder the folder the image paths are relative to?",
+    "image_path": "do the image paths lie inside --image_folder?",
+    "malformed_json": "is --data_path a .json list of records or a .jsonl file, one record per line?",
+    "not_a_record": "is --data_path a .json list of records or a .jsonl file, one record per line?",
+    "bad_record": "are the records LLaVA's ('conversations' of 'from'/'value' turns) or MiniCPM-V's "
+                  "('role'/'content' turns)?",
+    "too_long": "does --max_length leave room for the image tokens and the text?",
+}
+
 
 @dataclass
 class Problem:
@@ -84,6 +97,11 @@ class Problem:
     @property
     def severity(self) -> str:
         return SEVERITY[self.kind]
+
+    @classmethod
+    def for_record(cls, raw, kind: str, reason: str) -> Problem:
+        """A problem of the record `raw` (a RawRecord)."""
+        return cls(raw.position, raw.location, raw.record_id, kind, reason)
 
     def __str__(self) -> str:
         record = f" (id {self.record_id})" if self.record_id is not None else ""
@@ -108,6 +126,11 @@ class Report:
         """Records left out of training: the bad ones (under --skip_bad_samples) and too long."""
         return {p.position for p in self.of("error", "dropped") if p.position is not None}
 
+    @property
+    def num_usable(self) -> int:
+        """Records that train under --skip_bad_samples."""
+        return self.num_records - len(self.skip_positions())
+
     def summary(self) -> str:
         bad = {p.position for p in self.of("error")}
         dropped = {p.position for p in self.of("dropped")} - bad
@@ -121,23 +144,34 @@ class Report:
         return "\n".join(lines)
 
     def refusal(self, limit: int = 20) -> str:
-        """The error train.py stops with: the first problems, and the two ways forward."""
+        """The error train.py stops with: the first problems, and the ways forward."""
         fatal, errors = self.of("fatal"), self.of("error")
-        shown = (fatal + errors)[:limit]
+        problems = fatal + errors or self.of("dropped")  # all too long: why nothing would train
         lines = [f"{self.data_path}: training does not start, the data has problems:"]
-        lines += [f"  {p}" for p in shown]
-        if len(fatal) + len(errors) > len(shown):
-            lines.append(f"  ... {len(fatal) + len(errors) - len(shown)} more")
+        lines += [f"  {p}" for p in problems[:limit]]
+        if len(problems) > limit:
+            lines.append(f"  ... {len(problems) - limit} more")
         lines.append("List them all with: python scripts/check_data.py --data_path ... --image_folder ...")
         if fatal:
             lines.append("Fix the file or the chat template first: these are not about single records.")
+        elif self.num_usable == 0:
+            lines.append(self._nothing_usable())
         else:
-            num_bad = len({p.position for p in errors})
             lines.append(
                 f"Fix those records, or pass --skip_bad_samples true to train on the other "
-                f"{self.num_records - num_bad} (the skipped ones go to OUTPUT_DIR/skipped_records.jsonl)."
+                f"{self.num_usable} (the skipped ones go to OUTPUT_DIR/skipped_records.jsonl)."
             )
         return "\n".join(lines)
+
+    def _nothing_usable(self) -> str:
+        if self.num_records == 0:
+            return "The file holds no record: is --data_path the file you mean?"
+        kind, count = Counter(p.kind for p in self.of("error", "dropped")).most_common(1)[0]
+        hint = NOTHING_USABLE_HINTS.get(kind, "is --data_path the file you mean?")
+        return (
+            f"No record is usable: all {self.num_records} have problems, so --skip_bad_samples would "
+            f"leave nothing to train on. The most common problem is {kind} ({count}): {hint}"
+        )
 
     def to_json(self) -> dict:
         return {"data_path": self.data_path, "num_records": self.num_records,
@@ -158,9 +192,10 @@ def check_conversation(conversations, num_images: int, video: bool = False) -> l
         return [("bad_record", "no 'conversations' list of turns")]
     for k, turn in enumerate(conversations):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            return [("bad_record", f"turn {k} is not {{'from': str, 'value': str}}")]
+            return [("bad_record",
+                     f"turn {k} is not {{'from': str, 'value': str}} (nor {{'role': str, 'content': str}})")]
         if turn["from"] not in LLAVA_ROLES:
-            return [("roles", f"turn {k}: unknown role {turn['from']!r} (known: human, gpt, system)")]
+            return [("roles", f"turn {k}: unknown role {turn['from']!r} (known: {', '.join(LLAVA_ROLES)})")]
     problems = []
     roles = [LLAVA_ROLES[turn["from"]] for turn in conversations]
     start = 1 if roles[0] == "system" else 0
@@ -245,6 +280,87 @@ def check_video_file(path: str, num_frames: int) -> tuple[str, str] | None:
 # --- the whole file ---------------------------------------------------------------------------
 
 
+def _record_media(record: dict, image_folder: str | None, num_frames: int) -> tuple[list[str], int, list]:
+    """(media paths to decode, video frames in the prompt, (kind, reason) problems) of one
+    record: its images' and video's paths resolved under `image_folder`, its conversation
+    checked against their count."""
+    names, image_error = _image_names(record)
+    video = record.get("video") if not image_error else None
+    problems = [("bad_record", image_error)] if image_error else []
+    problems += check_conversation(record.get("conversations"), len(names), video is not None)
+    try:
+        paths = [resolve_image_path(image_folder, name) for name in names + ([video] if video is not None else [])]
+    except ImageError as e:
+        return [], 0, [*problems, ("image_path", str(e))]
+    if video is None or not paths:
+        return paths, 0, problems
+    try:
+        if is_video_file(paths[0]):  # the file is decoded with the images
+            return paths, video_length(paths[0], num_frames), problems
+        frames = video_frame_paths(paths[0], num_frames)
+        return frames, len(frames), problems
+    except ImageError as e:
+        return [], 0, [*problems, ("bad_video", str(e))]
+
+
+@dataclass
+class _LabelCheck:
+    """Tokenizes records as training does: too long, no supervised token, and the template
+    problems that concern the file as a whole (the first mismatch; most samples fully masked)."""
+
+    tokenizer: object
+    num_image_tokens: int
+    image_token_index: int
+    max_length: int
+    template_error: Problem | None = None
+    num_tokenized: int = 0
+    num_fully_masked: int = 0
+
+    def check(self, raw, num_images: int, num_video_frames: int) -> tuple[str, str] | None:
+        """(kind, reason) when this record cannot train as it is."""
+        if self.template_error:
+            return None  # the template is wrong for every record: tokenizing more says nothing
+        messages = llava_to_messages(raw.record["conversations"], num_images, num_video_frames)
+        try:
+            _, labels = tokenize_conversation(
+                self.tokenizer, messages, self.num_image_tokens, self.image_token_index, self.max_length
+            )
+        except SampleTooLong as e:
+            return "too_long", f"too long: {e} Dropped: cutting would lose image tokens or every answer."
+        except TemplateMismatch as e:
+            self.template_error = Problem(None, "file", None, "template", f"{e} (first seen at {raw.location})")
+            return None
+        self.num_tokenized += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            self.num_fully_masked += 1
+            return "no_labels", "no supervised token: the chat template renders no answer text"
+        return None
+
+    def file_problems(self) -> list[Problem]:
+        problems = [self.template_error] if self.template_error else []
+        try:
+            check_fully_masked_share(self.num_fully_masked, self.num_tokenized)
+        except TemplateMismatch as e:
+            problems.append(Problem(None, "file", None, "template", str(e)))
+        return problems
+
+
+def _check_media_files(users: dict[str, list], num_frames: int, num_workers: int) -> list[Problem]:
+    """Decodes every image and video once (`num_workers` threads); a bad one is a problem of
+    each record in `users[path]` (path -> the records that use it)."""
+    paths = sorted(users)
+    problems = []
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        checks = pool.map(
+            lambda path: check_video_file(path, num_frames) if is_video_file(path) else check_image(path),
+            paths,
+        )
+        for path, result in zip(paths, checks, strict=True):
+            if result is not None:
+                problems += [Problem.for_record(raw, *result) for raw in users[path]]
+    return problems
+
+
 def validate_data_file(
     data_path: str,
     tokenizer,
@@ -265,79 +381,26 @@ def validate_data_file(
         return report
     report.num_records = len(raws)
     first_seen: dict[str, str] = {}
-    images_of: dict[str, list] = {}  # path -> records using it
-    template_error = None
-    num_tokenized = num_fully_masked = 0
-
-    def add(raw, kind, reason):
-        report.problems.append(Problem(raw.position, raw.location, raw.record_id, kind, reason))
-
+    users: dict[str, list] = {}  # media path -> records using it
+    labels = _LabelCheck(tokenizer, num_image_tokens, image_token_index, max_length)
     for raw in raws:
         if raw.error is not None:
-            add(raw, raw.error_kind, raw.error)
+            report.problems.append(Problem.for_record(raw, raw.error_kind, raw.error))
             continue
-        record_id = raw.record_id
-        if record_id is not None:
-            if record_id in first_seen:
-                add(raw, "duplicate_id", f"duplicate id, first at {first_seen[record_id]}")
-            else:
-                first_seen[record_id] = raw.location
-        names, image_error = _image_names(raw.record)
-        video = raw.record.get("video") if not image_error else None
-        problems = [("bad_record", image_error)] if image_error else []
-        problems += check_conversation(raw.record.get("conversations"), len(names), video is not None)
-        paths, num_video_frames = [], 0
-        try:
-            paths = [resolve_image_path(image_folder, name) for name in names + ([video] if video is not None else [])]
-        except ImageError as e:
-            problems.append(("image_path", str(e)))
-        if video is not None and paths:
-            try:
-                if is_video_file(paths[0]):  # the file is decoded below, with the images
-                    num_video_frames = video_length(paths[0], num_frames)
-                else:
-                    paths = video_frame_paths(paths[0], num_frames)
-                    num_video_frames = len(paths)
-            except ImageError as e:
-                problems.append(("bad_video", str(e)))
-                paths = []
+        if raw.record_id in first_seen:
+            duplicate = f"duplicate id, first at {first_seen[raw.record_id]}"
+            report.problems.append(Problem.for_record(raw, "duplicate_id", duplicate))
+        elif raw.record_id is not None:
+            first_seen[raw.record_id] = raw.location
+        paths, num_video_frames, problems = _record_media(raw.record, image_folder, num_frames)
         for path in paths:
-            images_of.setdefault(path, []).append(raw)
-        for kind, reason in problems:
-            add(raw, kind, reason)
-        if problems or template_error:
-            continue
-        messages = llava_to_messages(raw.record["conversations"], len(paths), num_video_frames)
-        try:
-            _, labels = tokenize_conversation(tokenizer, messages, num_image_tokens, image_token_index, max_length)
-        except SampleTooLong as e:
-            add(raw, "too_long", f"too long: {e} Dropped: cutting would lose image tokens or every answer.")
-            continue
-        except TemplateMismatch as e:
-            template_error = Problem(None, "file", None, "template", f"{e} (first seen at {raw.location})")
-            continue
-        num_tokenized += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            num_fully_masked += 1
-            add(raw, "no_labels", "no supervised token: the chat template renders no answer text")
-
-    if template_error:
-        report.problems.append(template_error)
-    try:
-        check_fully_masked_share(num_fully_masked, num_tokenized)
-    except TemplateMismatch as e:
-        report.problems.append(Problem(None, "file", None, "template", str(e)))
-
-    paths = sorted(images_of)
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        checks = pool.map(
-            lambda path: check_video_file(path, num_frames) if is_video_file(path) else check_image(path),
-            paths,
-        )
-        for path, result in zip(paths, checks, strict=True):
-            if result is not None:
-                for raw in images_of[path]:
-                    add(raw, *result)
+            users.setdefault(path, []).append(raw)
+        report.problems += [Problem.for_record(raw, kind, reason) for kind, reason in problems]
+        label_problem = None if problems else labels.check(raw, len(paths), num_video_frames)
+        if label_problem:
+            report.problems.append(Problem.for_record(raw, *label_problem))
+    report.problems += labels.file_problems()
+    report.problems += _check_media_files(users, num_frames, num_workers)
     report.problems.sort(key=lambda p: (p.position is not None, p.position or 0))
     return report
 
@@ -421,7 +484,8 @@ def check_training_data(data_args, tokenizer, num_image_tokens, image_token_inde
     print(report.summary())
     for problem in report.of("warning")[:10]:
         print(f"  warning: {problem}")
-    if report.of("fatal") or (report.of("error") and not data_args.skip_bad_samples):
+    bad = report.of("fatal") or (report.of("error") and not data_args.skip_bad_samples)
+    if bad or report.num_usable == 0:
         raise DataError(report.refusal())
     skipped = report.of("error", "dropped")
     if output_dir and skipped:

@@ -14,8 +14,9 @@ from transformers import (
 
 from model.connectors import build_connector, num_output_tokens
 from model.quantization import keep_4bit_layout, load_kwargs
+from model.released import build_released
 from model.vision import VisionTower, load_vision_encoder
-from model.vlm import VisionLanguageModel
+from model.vlm import VisionLanguageModel, VLMBase
 
 
 def linear_module_names(module: nn.Module, exclude=("lm_head",)) -> list[str]:
@@ -34,8 +35,9 @@ def _add_lora(module: nn.Module, args) -> nn.Module:
     return get_peft_model(module, config)
 
 
-def build_model(args, weights: bool = True) -> VisionLanguageModel:
-    """Base towers from their ids or paths, a fresh connector, LoRA where the config asks.
+def build_model(args, weights: bool = True) -> VLMBase:
+    """A released VLM (`--vlm_model`, model/released.py), or base towers from their ids or paths,
+    a fresh connector and LoRA where the config asks.
 
     Which parameters train is not decided here but by `model.freeze.apply_freeze_policy`.
     `weights=False` (`--dry_run`): shapes only, on the meta device, from the two config.json
@@ -43,6 +45,8 @@ def build_model(args, weights: bool = True) -> VisionLanguageModel:
     """
     if not weights and args.bits < 16:
         raise ValueError("A model without weights cannot be quantized: load the weights to plan QLoRA.")
+    if args.vlm_model:
+        return build_released(args, weights)
     quantize_vit = args.bits < 16 and args.lora_on_vit
     encoder = load_vision_encoder(
         args.vision_model, revision=args.vision_revision, weights=weights, **load_kwargs(args, quantize_vit)

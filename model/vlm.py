@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -46,8 +47,18 @@ class VLMBase(nn.Module):
     def trains(self, component: str) -> bool:
         return any(p.requires_grad for _, p in self.component_parameters(component))
 
-    # The two ways to the logits, supplied by each kind of model for `loss_at_labels`:
+    # Supplied by each kind of model:
     def output_head(self) -> nn.Module:
+        """The LM head, for `loss_at_labels`."""
+        raise NotImplementedError
+
+    def adapted_modules(self) -> dict[str, tuple[str, nn.Module]]:
+        """{adapter name: (its name prefix in this model, the PeftModel)}: what a checkpoint saves
+        as PEFT adapter folders."""
+        raise NotImplementedError
+
+    def fingerprinted_parts(self) -> dict[str, tuple[nn.Module, object]]:
+        """{component: (module, keep(name) or None)}: the base weights a delta depends on."""
         raise NotImplementedError
 
     def loss_at_labels(self, labels, num_items, hidden_states, own_logits, probe):
@@ -205,6 +216,14 @@ class VisionLanguageModel(VLMBase):
 
     def output_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
+
+    def adapted_modules(self) -> dict[str, tuple[str, nn.Module]]:
+        modules = {"llm": ("llm.", self.llm), "vision": ("vision.encoder.", self.vision.encoder)}
+        return {k: v for k, v in modules.items() if isinstance(v[1], PeftModel)}
+
+    def fingerprinted_parts(self) -> dict[str, tuple[nn.Module, object]]:
+        # The connector is not base: it starts fresh (seeded), and the delta always holds it.
+        return {"vision": (self.vision, None), "llm": (self.llm, None)}
 
     def head_may_be_plain(self) -> bool:
         """Also: the LLM takes `logits_to_keep`, as transformers' own causal LMs do."""

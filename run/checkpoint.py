@@ -24,12 +24,13 @@ import peft
 import safetensors
 import torch
 import transformers
-from peft import PeftModel, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from config import ModelArguments
 from model.build import build_model, load_processors
 from model.freeze import apply_freeze_policy, is_lora
+from model.released import load_processor
 from run.fingerprint import fingerprint
 from run.sharding import full_shape, gathered
 
@@ -37,17 +38,14 @@ FORMAT_VERSION = 1
 MANIFEST = "vlm_manifest.json"
 DELTA = "delta.safetensors"
 CHAT_TEMPLATE = "chat_template.jinja"
-ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}
-ADAPTER_PREFIXES = {"llm": "llm.", "vision": "vision.encoder."}  # the PeftModel's name in the VLM
+# Adapter folders by the model's `adapted_modules()` keys: a composed base has one per tower, a
+# released VLM one for the whole model (PeftModel.from_pretrained opens it on the plain base).
+ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter", "vlm": "adapter"}
+BASE_PATHS = ("vision_model", "llm_model", "vlm_model")  # ModelArguments naming base weights
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as it is; the message says what is wrong and the fix."""
-
-
-def _adapted_modules(model) -> dict[str, PeftModel]:
-    modules = {"llm": model.llm, "vision": model.vision.encoder}
-    return {k: m for k, m in modules.items() if isinstance(m, PeftModel)}
 
 
 def delta_names(model) -> list[str]:
@@ -71,8 +69,7 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
     full = dict(model.named_parameters()) if state_dict is None else state_dict
     tensors = {name: _full_tensor(full, name) for name in delta_names(model)}
     save_file(tensors, os.path.join(out_dir, DELTA), metadata={"format": "pt"})
-    for component, module in _adapted_modules(model).items():
-        prefix = ADAPTER_PREFIXES[component]
+    for component, (prefix, module) in model.adapted_modules().items():
         adapter_state = None if state_dict is None else {
             key[len(prefix):]: _full_tensor(full, key) for key in full if key.startswith(prefix) and is_lora(key)
         }
@@ -81,22 +78,17 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
         with open(os.path.join(out_dir, CHAT_TEMPLATE), "w") as f:
             f.write(tokenizer.chat_template)
     args = dataclasses.replace(
-        model.build_args,
-        vision_model=_relative_if_inside(model.build_args.vision_model, out_dir),
-        llm_model=_relative_if_inside(model.build_args.llm_model, out_dir),
+        model.build_args, **{key: _relative_if_inside(getattr(model.build_args, key), out_dir) for key in BASE_PATHS}
     )
+    parts = ("vlm",) if args.vlm_model else ("vision", "llm")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "base": {
-            "vision": args.vision_model,
-            "vision_revision": args.vision_revision,
-            "llm": args.llm_model,
-            "llm_revision": args.llm_revision,
-        },
+        "base": {k: v for part in parts for k, v in ((part, getattr(args, f"{part}_model")),
+                                                      (f"{part}_revision", getattr(args, f"{part}_revision")))},
         "base_fingerprint": model.base_fingerprint,
         "model_args": dataclasses.asdict(args),
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
-        "adapters": sorted(ADAPTERS[c] for c in _adapted_modules(model)),
+        "adapters": sorted(ADAPTERS[c] for c in model.adapted_modules()),
         "parent": parent,
         "versions": {
             "torch": torch.__version__,
@@ -122,17 +114,19 @@ def _full_tensor(full: dict, name: str) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
-def _relative_if_inside(path: str, ckpt_dir: str) -> str:
+def _relative_if_inside(path: str | None, ckpt_dir: str) -> str | None:
     """A base stored inside the checkpoint folder (an export's merged towers) is named relative
     to it, so the folder can be moved whole. Any other base (a hub id, a folder elsewhere) is
     kept as given."""
-    if not os.path.isdir(path):
+    if path is None or not os.path.isdir(path):
         return path
     relative = os.path.relpath(os.path.abspath(path), os.path.abspath(ckpt_dir))
     return path if relative.startswith("..") else relative
 
 
-def _resolve_base(path: str, ckpt_dir: str) -> str:
+def _resolve_base(path: str | None, ckpt_dir: str) -> str | None:
+    if path is None:
+        return None
     inside = os.path.join(ckpt_dir, path)
     return inside if not os.path.isabs(path) and os.path.isdir(inside) else path
 
@@ -223,7 +217,7 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))
 
-    adapted = _adapted_modules(model)
+    adapted = model.adapted_modules()
     saved_adapters = set(manifest.get("adapters", []))
     model_adapters = {ADAPTERS[c] for c in adapted}
     if saved_adapters - model_adapters or (saved_adapters != model_adapters and not new_adapters_ok):
@@ -231,7 +225,7 @@ def apply_delta(model, ckpt_dir: str, manifest: dict, new_adapters_ok: bool = Fa
             f"{ckpt_dir} holds adapters {sorted(saved_adapters)} but the model has LoRA on "
             f"{sorted(adapted)}: --lora_enable / --lora_target must match the checkpoint's."
         )
-    for component, module in adapted.items():
+    for component, (_, module) in adapted.items():
         if ADAPTERS[component] not in saved_adapters:
             continue  # a new adapter of this stage: PEFT's initialisation (B = 0) stands
         path = os.path.join(ckpt_dir, ADAPTERS[component], "adapter_model.safetensors")
@@ -256,7 +250,9 @@ def load_base(args: ModelArguments, weights: bool = True):
     fingerprint of its weights: what a checkpoint records, and what `load_delta` checks."""
     model = build_model(args, weights=weights)
     if weights:
-        model.base_fingerprint = {"vision": fingerprint(model.vision), "llm": fingerprint(model.llm)}
+        model.base_fingerprint = {
+            component: fingerprint(module, keep) for component, (module, keep) in model.fingerprinted_parts().items()
+        }
     return model
 
 
@@ -275,8 +271,7 @@ def checkpoint_model_args(ckpt_dir: str, **overrides) -> ModelArguments:
     manifest = read_manifest(ckpt_dir)
     fields = {f.name for f in dataclasses.fields(ModelArguments)}
     stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
-    stored["vision_model"] = _resolve_base(stored["vision_model"], ckpt_dir)
-    stored["llm_model"] = _resolve_base(stored["llm_model"], ckpt_dir)
+    stored.update({key: _resolve_base(stored.get(key), ckpt_dir) for key in BASE_PATHS})
     stored.update({k: v for k, v in overrides.items() if v is not None})
     stored["build_tiny_base_if_missing"] = False
     return ModelArguments(**stored)
@@ -291,7 +286,8 @@ def load_checkpoint(
 ):
     """Base (from the manifest, or the overrides) -> fingerprint check -> strict delta load.
 
-    Returns (model, tokenizer, image_processor, manifest), the model in eval mode.
+    Returns (model, tokenizer, image_processor, manifest), the model in eval mode; for a
+    released VLM, (model, processor, None, manifest).
     """
     args = checkpoint_model_args(ckpt_dir, vision_model=base_vision, llm_model=base_llm, **model_overrides)
     model = load_base(args)
@@ -308,7 +304,9 @@ def load_checkpoint(
         )
     load_delta(model, ckpt_dir, allow_base_mismatch=allow_base_mismatch)
     template = os.path.join(ckpt_dir, CHAT_TEMPLATE)
-    tokenizer, image_processor = load_processors(args, template if os.path.isfile(template) else None)
+    template = template if os.path.isfile(template) else None
+    # A released VLM's processor does both jobs (see run.predict.prompt_batch).
+    tokenizer, image_processor = (load_processor(args, template), None) if args.vlm_model else load_processors(args, template)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer, image_processor, manifest

@@ -18,13 +18,14 @@ def base_name(name: str) -> str:
     return re.sub(r"(^|\.)base_model\.model(\.|$)", r"\1", name).replace(".base_layer", "")
 
 
-def fingerprint(module: nn.Module) -> str:
+def fingerprint(module: nn.Module, keep=None) -> str:
     """sha256 over a strided sample of every parameter outside linear layers.
 
     Linear weights are skipped so that the fingerprint is the same whether the base loads in
     fp32, bf16, 8-bit or 4-bit; the embeddings, norms and patch embeddings that remain differ
     between any two trained (or two differently seeded) bases. Values are rounded to bf16 first
-    for the same reason. Adapters are not base weights and are skipped.
+    for the same reason. Adapters are not base weights and are skipped. `keep(name)`: which
+    parameters of `module` count (a released VLM's components share one module tree).
     """
     modules = sorted(((base_name(name), child) for name, child in module.named_modules()), key=lambda item: item[0])
     sampled = [
@@ -32,7 +33,7 @@ def fingerprint(module: nn.Module) -> str:
         for module_name, child in modules
         if not isinstance(child, nn.Linear)
         for name, param in sorted(child.named_parameters(recurse=False))
-        if "lora_" not in name
+        if "lora_" not in name and (keep is None or keep(f"{module_name}.{name}"))
     ]
     digest = hashlib.sha256()
     with gathered([param for _, param in sampled]):  # ZeRO-3 shards are empty until gathered

@@ -8,7 +8,11 @@ import torch
 
 from data.dataset import record_messages
 from data.media import load_record_media
+from data.processor_prompt import encode_batch
 from data.prompt import IMAGE_MARKER, tokenize_prompt
+
+# One default for infer.py, evaluation in train.py and the web page.
+MAX_NEW_TOKENS = 64
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,29 +26,41 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-@torch.no_grad()
-def generate_answers(
-    model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]], max_new_tokens=32, do_sample=False, temperature=1.0
-) -> list[str]:
-    """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings."""
+def prompt_batch(model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]]) -> dict:
+    """Left-padded inputs of prompts awaiting their answers, built by the one prompt builder of
+    the model's kind: a composed base's (`tokenizer`, `image_processor`), or a released VLM's
+    processor (passed as `tokenizer`, with `image_processor` None)."""
+    if image_processor is None:
+        return encode_batch(tokenizer, prompts, add_generation_prompt=True)
     sequences, images = [], []
     for messages, prompt_images in prompts:
         sequences.append(tokenize_prompt(tokenizer, messages, model.num_image_tokens, model.image_token_index))
         images += prompt_images
     input_ids, attention_mask = _left_pad(sequences, tokenizer.pad_token_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if images:
+        batch["pixel_values"] = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return batch
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]], max_new_tokens=MAX_NEW_TOKENS,
+    do_sample=False, temperature=1.0,
+) -> list[str]:
+    """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings."""
     device = next(model.parameters()).device
-    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device) if images else None
+    batch = {k: v.to(device) for k, v in prompt_batch(model, tokenizer, image_processor, prompts).items()}
+    text_tokenizer = tokenizer if image_processor is not None else tokenizer.tokenizer
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
     new_tokens = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        pixel_values=pixel_values,
+        **batch,
         max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=text_tokenizer.pad_token_id,
+        eos_token_id=text_tokenizer.eos_token_id,
         **sampling,
     )
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [text.strip() for text in text_tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def first_question(record: dict, image_folder: str | None, num_frames: int = 8) -> tuple[list[dict], list, str | None]:
@@ -63,7 +79,7 @@ def exact_match(prediction: str, answer: str | None) -> bool:
 
 
 def predict_records(
-    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=32, num_frames=8
+    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=MAX_NEW_TOKENS, num_frames=8
 ):
     """One {"id", "prediction", "answer"} per record, answering its first human turn."""
     results = []
