@@ -14,14 +14,19 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 import yaml
-from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
+
+from cli import format_help, prog
+from model.connectors import CONNECTORS
+from patches import settle_cpu_distributed_state
+from run.environment import cap_dataloader_workers, check_logging
 
 DEFAULT_VISION, DEFAULT_LLM = "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"  # LLaVA-1.5's
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
@@ -64,7 +69,10 @@ class ModelArguments:
         default="default",
         metadata={"help": "'default' drops the CLS token when the tower has one; 'full' keeps all."},
     )
-    connector: str = field(default="mlp2x_gelu", metadata={"help": "mlp2x_gelu | resampler"})
+    connector: str = field(
+        default="mlp2x_gelu",
+        metadata={"help": "Composed base: " + "; ".join(f"{name}: {cls.help}" for name, cls in CONNECTORS.items())},
+    )
     resampler_num_queries: int = field(default=64, metadata={"help": "Image tokens per image."})
     resampler_num_heads: int = field(default=8)
 
@@ -83,6 +91,11 @@ class ModelArguments:
     )
     freeze_lora: bool = field(
         default=False, metadata={"help": "Keep LoRA adapters in the graph but frozen."}
+    )
+    lora_top_layers: float | None = field(
+        default=None,
+        metadata={"help": "LoRA trains on this top fraction of the LLM's layers only (openpi: 0.5), "
+                  "whatever the model's depth; the adapters below stay frozen."},
     )
     trainable_regex: list[str] | None = field(
         default=None, metadata={"help": "Parameter-name regexes forced trainable (after flags)."}
@@ -116,8 +129,8 @@ class ModelArguments:
         if not self.vlm_model:
             self.vision_model = self.vision_model or DEFAULT_VISION
             self.llm_model = self.llm_model or DEFAULT_LLM
-        if self.connector not in ("mlp2x_gelu", "resampler"):
-            raise ConfigError(f"--connector {self.connector!r}: choose mlp2x_gelu or resampler.")
+        if self.connector not in CONNECTORS:
+            raise ConfigError(f"--connector {self.connector!r}: choose one of {', '.join(CONNECTORS)} (model/connectors/).")
         if self.lora_target not in ("llm", "vit", "both"):
             raise ConfigError(f"--lora_target {self.lora_target!r}: choose llm, vit or both.")
         if self.bits not in (4, 8, 16):
@@ -161,6 +174,11 @@ def refuse_conflicts(args: ModelArguments) -> None:
             f"--bits {args.bits} loads the LLM quantized, whose weights cannot train, but "
             "--freeze_llm false asks to train them. Use --freeze_llm true with --lora_enable true "
             "(QLoRA), or --bits 16 for a full finetune."
+        )
+    if args.lora_top_layers is not None and not (0 < args.lora_top_layers <= 1 and args.lora_on_llm):
+        raise ConfigError(
+            f"--lora_top_layers {args.lora_top_layers} is the fraction of the LLM's layers (0 < x <= 1) whose "
+            "LoRA trains: it needs LoRA on the LLM (--lora_enable true, --lora_target llm or both)."
         )
     if args.freeze_lora and not args.lora_enable:
         raise ConfigError(
@@ -265,24 +283,12 @@ class TrainArguments(TrainingArguments):
                 f"--group_by_modality_length true chooses the sampler, and so does --train_sampling_strategy "
                 f"{self.train_sampling_strategy}: keep one."
             )
+        cap_dataloader_workers(self)  # a recipe's 4 workers on a 2-core machine starve the step
 
     @cached_property
     def _setup_devices(self) -> torch.device:
         device = TrainingArguments._setup_devices.func(self)
-        state = self.distributed_state
-        if self.deepspeed and state.backend is None and torch.distributed.is_initialized():
-            # DeepSpeed without a GPU: DeepSpeed joins all ranks over gloo, but accelerate, which
-            # names no backend on this path, then counts one process. Batch sizes, samplers and
-            # "who saves" all read these, so take them from the process group DeepSpeed made.
-            state.backend = torch.distributed.get_backend()
-            state.num_processes = torch.distributed.get_world_size()
-            state.process_index = torch.distributed.get_rank()
-            state.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
-        if self.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
-            # FSDP without a GPU: accelerate turns only GPU-like process groups into FSDP and
-            # would silently wrap the model in plain DDP instead. FSDP2 (`fully_shard`) itself
-            # runs over gloo, so let accelerate take its FSDP path.
-            state.distributed_type = DistributedType.MULTI_GPU
+        settle_cpu_distributed_state(self)  # patches.py: accelerate's state without a GPU
         return device
 
 
@@ -303,44 +309,89 @@ def _as_cli(key: str, value) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def _refuse_unknown(keys, known: set[str], where: str) -> None:
+def _unknown_settings(keys, known: set[str], where: str) -> list[str]:
+    """One line per key that is no setting, naming the closest valid one."""
+    lines = []
     for key in keys:
-        if key not in known:
+        if key in known:
+            continue
+        if key.replace("-", "_") in known:  # argparse's dashed alias: one spelling here
+            hint = f"did you mean {key.replace('-', '_')!r}? Settings are spelled with underscores."
+        elif key.startswith(("no_", "no-")) and key[3:].replace("-", "_") in known:
+            name = key[3:].replace("-", "_")
+            hint = f"did you mean {name!r} set to false ({'--' + name + ' false' if where == CLI else name + ': false'})?"
+        else:
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"Unknown setting {key!r} in {where}.{hint}")
+            hint = f"did you mean {close[0]!r}?" if close else "no setting is close to it."
+        lines.append(f"{key!r} {'on' if where == CLI else 'in'} {where}: {hint}")
+    return lines
+
+
+CLI = "the command line"
+HELP_ALL = "--help_all"
+
+
+def _refuse_bad_value(message: str):
+    """argparse's error for a value it cannot read: its exit (status 2), with one line instead of
+    the usage of 200 options, and the setting named as it is spelled here."""
+    message = re.sub(r"argument (--\w+)(?:/-{1,2}[\w-]+)*", r"\1", message).rstrip(". ")
+    print(f"error: {message}. `python {prog()} --help` shows each setting and its values.", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_CONFIG):
     """`[config.yaml] [--key value ...]` -> (ModelArguments, DataArguments, TrainArguments).
 
     YAML values become command-line words placed before the real ones, so the command line
-    wins. With no words at all the demo config is used.
+    wins. With no words at all the demo config is used. `-h`/`--help` prints the settings
+    (`--help_all`: transformers' too) and exits.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help", HELP_ALL} & set(argv):
+        print(format_help(ALL_ARGUMENTS, everything=HELP_ALL in argv))
+        raise SystemExit(0)
     yaml_path = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml")) else None
     if yaml_path is None and not argv:
         yaml_path = default_yaml
 
     parser = HfArgumentParser(ALL_ARGUMENTS, allow_abbrev=False)
-    known = {f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls)}
+    parser.error = _refuse_bad_value
+    known = {f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls) if f.init}
 
     words: list[str] = []
+    unknown: list[str] = []
     if yaml_path:
-        with open(yaml_path) as f:
-            settings = yaml.safe_load(f) or {}
-        _refuse_unknown(settings, known, yaml_path)
+        settings = _read_yaml(yaml_path)
+        unknown += _unknown_settings(settings, known, yaml_path)
         for key, value in settings.items():
             words += _as_cli(key, value)
-    _refuse_unknown(
-        [w[2:].split("=")[0] for w in argv if w.startswith("--")], known, "the command line"
-    )
+    unknown += _unknown_settings([w[2:].split("=")[0] for w in argv if w.startswith("--")], known, CLI)
+    if unknown:  # every one at once, not one per launch
+        listed = f"Unknown setting {unknown[0]}" if len(unknown) == 1 else "\n  ".join(["Unknown settings:", *unknown])
+        raise ConfigError(f"{listed}\nFix the spelling; `python {prog()} --help` lists every setting.")
     model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
         args=words + argv, return_remaining_strings=True
     )
     if rest:
         raise ConfigError(f"Unexpected command-line words {rest}: settings are --key value.")
+    check_logging(train_args)
     return model_args, data_args, train_args
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file. Give the path of a YAML config (the recipes are in configs/), "
+            "or none for the demo."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: a config is a mapping of settings (`key: value` lines), not {type(settings).__name__}.")
+    return settings
 
 
 def config_dict(model_args, data_args, train_args) -> dict:

@@ -21,9 +21,9 @@ from transformers import HfArgumentParser
 from data.dataset import read_records
 from data.media import load_image, load_video_frames
 from data.messages import as_llava_file
-from data.prompt import IMAGE_MARKER, add_image_markers, expand_video_marker
+from data.prompt import MarkerMismatch, question_messages
 from run.checkpoint import load_checkpoint
-from run.predict import accuracy, generate_answers, predict_records
+from run.predict import MAX_NEW_TOKENS, accuracy, generate_answers, predict_records
 
 
 @dataclass
@@ -48,7 +48,7 @@ class InferArguments:
     base_llm: str | None = field(default=None, metadata={"help": "Override the base LLM."})
     bits: int | None = field(default=None, metadata={"help": "Load the base in 8/4 bits."})
     allow_base_mismatch: bool = field(default=False, metadata={"help": "Loudly skip the check."})
-    max_new_tokens: int = field(default=64)
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS)
     batch_size: int = field(default=32)
 
 
@@ -62,19 +62,14 @@ def main(argv=None):
         args.checkpoint, args.base_vision, args.base_llm, args.allow_base_mismatch, bits=args.bits
     )
     if args.prompt is not None:
-        messages = [{"role": "user", "content": args.prompt}]
         if args.video:
             images = load_video_frames(args.video, args.num_frames)
-            messages = expand_video_marker(messages, len(images))
         else:
             images = [load_image(path) for path in args.image or []]
-            messages = add_image_markers(messages, len(images))
-        markers = messages[0]["content"].count(IMAGE_MARKER)
-        if markers != len(images):
-            raise SystemExit(
-                f"--prompt has {markers} {IMAGE_MARKER} markers for {len(images)} images: give one per "
-                "image (in --image order), or none and they all go before the question."
-            )
+        try:  # the web page's typed question comes through the same rule
+            messages = question_messages(args.prompt, len(images), video=bool(args.video))
+        except MarkerMismatch as error:
+            raise SystemExit(f"--prompt has {error}") from error
         (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], args.max_new_tokens)
         print(answer)
         return
@@ -91,4 +86,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import os
 
-from transformers import set_seed
+from transformers import TrainerState, set_seed
 
 from config import parse_config, save_resolved_config
 from data.dataset import Collator, SupervisedDataset, read_records
 from data.messages import use_messages_dataset
+from data.processor_prompt import ProcessorCollator, ProcessorDataset, ProcessorTemplate
 from data.sampler import modality_length_sampler
 from data.validate import check_training_data
 from model.build import load_processors
 from model.freeze import apply_freeze_policy, format_table
-from run.checkpoint import load_base, load_delta
+from model.released import load_processor
+from run.checkpoint import MANIFEST, load_base, load_delta
 from run.predict import accuracy, predict_records
-from run.run_folder import latest_checkpoint
+from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
 from tools.memory import format_plan, plan_memory
@@ -40,6 +42,32 @@ def prepare_demo_assets(model_args, data_args, train_args) -> None:
             make_demo_dataset(
                 os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size
             )
+
+
+def training_data(model, model_args, data_args, train_args):
+    """(dataset, collator, (tokenizer, image_processor)) of the checked records. A composed base
+    tokenizes with its LLM's tokenizer and our `<image>` expansion; a released VLM builds every
+    sample with its own processor (data/processor_prompt.py), returned as (processor, None). The
+    check before step 1 reads records the same way."""
+    if model_args.vlm_model:
+        processor = load_processor(model_args, data_args.chat_template)
+        tokenizer = ProcessorTemplate(processor)
+    else:
+        tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+    with train_args.main_process_first(desc="data check"):
+        skip = check_training_data(
+            data_args, tokenizer, model.num_image_tokens, model.image_token_index,
+            train_args.output_dir if train_args.should_save else None,
+        )
+    if model_args.vlm_model:
+        records = read_records(data_args.data_path, skip)
+        dataset = ProcessorDataset(records, data_args.image_folder, processor, data_args.num_frames)
+        return dataset, ProcessorCollator(processor, data_args.max_length, model.prefix_lm), (processor, None)
+    dataset = SupervisedDataset(
+        data_args.data_path, data_args.image_folder, tokenizer, model.num_image_tokens, model.image_token_index,
+        data_args.max_length, skip=skip, num_frames=data_args.num_frames,
+    )
+    return dataset, Collator(tokenizer.pad_token_id, image_processor), (tokenizer, image_processor)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -62,6 +90,13 @@ def resolve_resume(train_args) -> str | None:
 
 def main(argv=None):
     model_args, data_args, train_args = parse_config(argv)
+    resume = resolve_resume(train_args)
+    finished = finished_step(resume) if resume else None
+    if finished is not None and os.path.isfile(os.path.join(train_args.output_dir, MANIFEST)):
+        # A job scheduler relaunching a run that already ended: nothing to do, nothing changes.
+        if train_args.should_log:
+            print(f"{train_args.output_dir} finished at step {finished} ({resume}): nothing to train.")
+        return
     prepare_demo_assets(model_args, data_args, train_args)
     set_seed(train_args.seed)
     if train_args.should_save:
@@ -86,33 +121,23 @@ def main(argv=None):
         report(train_args, "memory_plan.txt", format_plan(plan))
         return
 
-    tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
-        skip = check_training_data(
-            data_args, tokenizer, model.num_image_tokens, model.image_token_index,
-            train_args.output_dir if train_args.should_save else None,
-        )
-    train_dataset = SupervisedDataset(
-        data_args.data_path,
-        data_args.image_folder,
-        tokenizer,
-        model.num_image_tokens,
-        model.image_token_index,
-        data_args.max_length,
-        skip=skip,
-        num_frames=data_args.num_frames,
-    )
+    train_dataset, collator, (tokenizer, image_processor) = training_data(model, model_args, data_args, train_args)
     trainer = VLMTrainer(
         model=model,
         args=train_args,
         train_dataset=train_dataset,
-        data_collator=Collator(tokenizer.pad_token_id, image_processor),
+        data_collator=collator,
         processing_class=tokenizer,
         parent_checkpoint=train_args.init_from,
         train_sampler=modality_length_sampler(train_dataset, train_args),
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(train_args))
+    if finished is None:
+        trainer.train(resume_from_checkpoint=resume)
+    else:  # ended at its last checkpoint, cut off before the final save: that save, from it
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        load_delta(model, resume)
     report(train_args, "engine.txt", describe_engine(trainer.model_wrapped, model))
     trainer.save_model(train_args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss history the web page plots
@@ -138,4 +163,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

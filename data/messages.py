@@ -23,6 +23,7 @@ from PIL import Image
 
 from data.prompt import IMAGE_MARKER
 from data.records import DataError, iter_records
+from patches import dataset_fingerprint
 
 
 def is_messages_file(path: str) -> bool:
@@ -93,7 +94,7 @@ def convert_messages_dataset(dataset: datasets.Dataset, out_dir: str) -> str:
     """Writes `out_dir/<fingerprint>/records.jsonl` (and its images beside it, under images/)
     once; returns its path. Keyed by the dataset's fingerprint: a changed dataset is converted
     again, and a training set and an evaluation set never share an image name."""
-    folder = os.path.join(out_dir, dataset._fingerprint)
+    folder = os.path.join(out_dir, dataset_fingerprint(dataset))
     path = os.path.join(folder, "records.jsonl")
     if os.path.isfile(path):
         return path

@@ -17,6 +17,7 @@ import torch
 from data.dataset import record_messages
 from data.media import load_record_media
 from data.prompt import IGNORE_INDEX, IMAGE_MARKER, SampleTooLong, TemplateMismatch, split_supervised
+from data.records import DataError
 
 # Inputs of one token per position: cut with input_ids. Everything else the processor returns
 # (pixel_values, grid sizes, image masks) is per image, batched the family's own way.
@@ -147,8 +148,9 @@ class ProcessorDataset(torch.utils.data.Dataset):
     model's processor (its image expansion needs the images, so a sample's token count is known
     only then; the data check before step 1 has opened every image and counted the text)."""
 
-    def __init__(self, records: list[dict], image_folder: str | None, num_frames: int = 8):
+    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8):
         self.records, self.image_folder, self.num_frames = records, image_folder, num_frames
+        refuse_text_only_if_images_needed(processor, records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -168,6 +170,21 @@ class ProcessorDataset(torch.utils.data.Dataset):
             "messages": record_messages(record, self.image_folder, self.num_frames),
             "images": load_record_media(record, self.image_folder, self.num_frames),
         }
+
+
+def refuse_text_only_if_images_needed(processor, records: list[dict]) -> None:
+    """Some processors (PaliGemma's) refuse a sample without an image: say so before step 1,
+    naming the records, rather than as the processor's error in the first batch that has one."""
+    text_only = [r["id"] for r in records if not r["image"] and not r["video"]]
+    if not text_only:
+        return
+    try:
+        processor(text=["a"], return_tensors="pt")
+    except ValueError as error:
+        raise DataError(
+            f"{len(text_only)} records have no image (ids {text_only[:10]}), but this model's processor "
+            f"takes none without one ({error}). Give each record an image, or leave these out of the data."
+        ) from None
 
 
 class ProcessorCollator:

@@ -67,6 +67,33 @@ def expand_video_marker(messages: list[dict], num_frames: int) -> list[dict]:
     return [{**m, "content": m["content"].replace(VIDEO_MARKER, frames)} for m in messages]
 
 
+class MarkerMismatch(ValueError):
+    """A typed question's `<image>` markers are not one per image."""
+
+    def __init__(self, markers: int, num_images: int):
+        self.markers, self.num_images = markers, num_images
+        super().__init__(
+            f"{markers} {IMAGE_MARKER} markers for {num_images} images: give one marker per image, in the "
+            f"images' order, or none and one '{IMAGE_MARKER}\\n' per image goes before the question."
+        )
+
+
+def question_messages(question: str, num_images: int, video: bool = False) -> list[dict]:
+    """A typed question and its `num_images` images -> the user turn to answer; infer.py's
+    --prompt and the web page's typed question both come through here. `video`: the images are a
+    video's frames, in time order (`expand_video_marker`); else images without markers go before
+    the question (`add_image_markers`). Markers that are not one per image raise `MarkerMismatch`."""
+    messages = [{"role": "user", "content": question}]
+    if video:
+        messages = expand_video_marker(messages, num_images)
+    else:
+        messages = add_image_markers(messages, num_images)
+    markers = messages[0]["content"].count(IMAGE_MARKER)
+    if markers != num_images:
+        raise MarkerMismatch(markers, num_images)
+    return messages
+
+
 def llava_to_messages(conversations: list[dict], num_images: int = 0, num_frames: int = 0) -> list[dict]:
     """LLaVA's [{"from": "human" | "gpt", "value": ...}] -> chat messages. A record's images
     without markers get them (`add_image_markers`); a video record's `<video>` becomes its

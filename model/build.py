@@ -12,11 +12,12 @@ from transformers import (
     AutoTokenizer,
 )
 
-from model.connectors import build_connector, num_output_tokens
-from model.quantization import keep_4bit_layout, load_kwargs
+from model.connectors import CONNECTORS
+from model.quantization import load_kwargs
 from model.released import build_released
 from model.vision import VisionTower, load_vision_encoder
 from model.vlm import VisionLanguageModel, VLMBase
+from patches import keep_4bit_layout
 
 
 def linear_module_names(module: nn.Module, exclude=("lm_head",)) -> list[str]:
@@ -63,7 +64,7 @@ def build_model(args, weights: bool = True) -> VLMBase:
             )
 
     llm_dim = llm.get_input_embeddings().embedding_dim
-    connector = build_connector(args.connector, vision.hidden_size, llm_dim, vision.num_tokens, args)
+    connector = CONNECTORS[args.connector](vision.hidden_size, llm_dim, vision.num_tokens, args)
     connector.to(device=llm.device)
 
     if args.bits < 16:
@@ -79,7 +80,7 @@ def build_model(args, weights: bool = True) -> VLMBase:
     if args.lora_on_vit:
         vision.encoder = _add_lora(vision.encoder, args)
 
-    return VisionLanguageModel(vision, connector, llm, num_output_tokens(connector, vision.num_tokens), args)
+    return VisionLanguageModel(vision, connector, llm, connector.num_tokens, args)
 
 
 def load_processors(args, chat_template_path: str | None = None):

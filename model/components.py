@@ -49,3 +49,8 @@ def top_module(name: str) -> str:
     released VLM (whose children sit under `model.`), without the wrappers around the model."""
     parts = name.removeprefix("vlm.").removeprefix("base_model.model.").split(".")
     return ".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1])
+
+
+def is_under(name: str, modules: list[str]) -> bool:
+    """Whether `name` is one of `modules` or inside one (wrappers' prefixes around it allowed)."""
+    return any(f".{name}.".find(f".{module}.") >= 0 for module in modules)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.components import COMPONENTS, top_module
+from model.components import COMPONENTS, is_under, top_module
 
 
 class FreezeError(ValueError):
@@ -57,19 +57,24 @@ def apply_freeze_policy(model, args) -> list[ComponentRow]:
     """Set `requires_grad` on every parameter from the flags, then the regex lists.
 
     Order: component flags (`freeze_vit`, `freeze_qformer`, `freeze_llm`; LoRA adapters follow
-    `freeze_lora`), then `trainable_regex` turns matches on, then `frozen_regex` turns matches
-    off. PEFT's own freezing is overridden here on purpose: wrapping the LLM in LoRA never
+    `freeze_lora`, and `lora_top_layers` keeps the LLM's lower adapters frozen), then
+    `trainable_regex` turns matches on, then `frozen_regex` turns matches off; what the forward
+    never reaches (`model.unused_modules`) stays frozen.
+    PEFT's own freezing is overridden here on purpose: wrapping the LLM in LoRA never
     freezes the connector. Trainable weights are kept in fp32 (the optimizer's master copy)
     even when the base loaded in bf16.
     """
     refuse_unmapped(model)
     trainable_patterns = [re.compile(p) for p in args.trainable_regex or []]
     frozen_patterns = [re.compile(p) for p in args.frozen_regex or []]
+    below = _lowest_trained_layer(model, args.lora_top_layers)
     for name, param in model.named_parameters():
         wants = _flag_says_trainable(model.component(name), name, args)
+        if is_lora(name) and model.component(name) == "llm" and _layer_of(name) < below:
+            wants = False
         if any(p.search(name) for p in trainable_patterns):
             wants = True
-        if any(p.search(name) for p in frozen_patterns):
+        if any(p.search(name) for p in frozen_patterns) or is_under(name, model.unused_modules):
             wants = False
         if is_quantized(param):
             if wants:
@@ -81,6 +86,24 @@ def apply_freeze_policy(model, args) -> list[ComponentRow]:
     rows = freeze_table(model)
     refuse_silent_no_ops(rows, args)
     return rows
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int:
+    """The decoder layer a parameter sits in (a large number outside any: never below)."""
+    found = _LAYER.findall(name)
+    return int(found[-1]) if found else 1 << 30
+
+
+def _lowest_trained_layer(model, top_fraction: float | None) -> int:
+    """`--lora_top_layers 0.5` on a 26-layer LLM: adapters of layers 13-25 train. From the model's
+    own depth, so one recipe fits every size (a fixed layer regex froze all of a small model)."""
+    if top_fraction is None:
+        return 0
+    depth = 1 + max((_layer_of(n) for n, _ in model.component_parameters("llm") if _layer_of(n) < 1 << 30), default=-1)
+    return depth - max(1, round(depth * top_fraction))
 
 
 def refuse_unmapped(model) -> None:
@@ -131,8 +154,8 @@ def freeze_table(model) -> list[ComponentRow]:
             mode = ("qlora" if quantized else "lora") + ("+full" if base_trains else "")
         elif not base_trains:
             mode = "frozen"
-        elif trainable == total:
-            mode = "full"
+        elif trainable == sum(logical_numel(p) for n, p in params if not is_under(n, model.unused_modules)):
+            mode = "full"  # all that the forward reaches (a tower's unused last layers stay frozen)
         else:
             mode = "partial"
         rows.append(ComponentRow(component, mode, total, trainable))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 from transformers import BitsAndBytesConfig
 
 # Kept in full precision in a quantized base, at training and at inference alike (a different
@@ -37,19 +36,3 @@ def load_kwargs(args, quantize: bool, skip_modules: list[str] = QUANT_SKIP_MODUL
         "quantization_config": _quantization_config(args, dtype, skip_modules),
         "device_map": {"": device},
     }
-
-
-def keep_4bit_layout(module: nn.Module) -> None:
-    """bitsandbytes (0.50) repacks a 4-bit weight in place, for a CPU with AVX512-BF16, the first
-    time it runs in eval mode without grad (an evaluation, a generate). The repacked layer then
-    multiplies through `gemv_4bit`, which has no backward: training after that silently drops
-    every gradient through the frozen 4-bit weights (LoRA below it and the connector get wrong
-    gradients) and the frozen weight's bytes and absmax (cast to bf16) have changed. Keep the
-    training layout always."""
-    import bitsandbytes as bnb
-
-    for m in module.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-
-

@@ -16,9 +16,10 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from model.components import COMPONENTS, component_of, module_table
-from model.quantization import keep_4bit_layout, load_kwargs
+from model.components import COMPONENTS, component_of, is_under, module_table
+from model.quantization import load_kwargs
 from model.vlm import VLMBase, zero_loss_if_all_masked
+from patches import keep_4bit_layout
 
 # Families whose `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
 PREFIX_LM_TYPES = ("paligemma",)
@@ -47,17 +48,41 @@ def quantization_skip_modules(args) -> list[str]:
     training and inference (LLaVA #433's size mismatch came from two lists)."""
     table = module_table(args.component_modules)
     keep = ("connector",) if args.lora_on_vit else ("connector", "vision")
-    return sorted(name for name, component in table.items() if component in keep) + ["lm_head"]
+    # transformers matches each pattern from the start of a module's full name, up to a dot.
+    return [rf"(?:.*\.)?{re.escape(name)}" for name, component in sorted(table.items()) if component in keep] + ["lm_head"]
+
+
+def unused_vision_modules(model: nn.Module, table: dict[str, str]) -> list[str]:
+    """Module names of the tower that never reach the LLM. A family that reads a hidden layer of
+    its tower (`config.vision_feature_layer`: llava-hf takes the second to last) leaves the layers
+    after it, the final norm and a pooling head out of the forward: trained, or given LoRA, they
+    would get no gradient (DDP without find_unused_parameters stops on them)."""
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if layer is None:
+        return []
+    depth = model.config.vision_config.num_hidden_layers
+    used = max(index % (depth + 1) for index in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    unused = []
+    for name, _ in model.named_modules():
+        if component_of(name, table) != "vision":
+            continue
+        layer_index = re.search(r"(?:^|\.)layers\.(\d+)$", name)  # hidden_states[i + 1] is layer i's
+        if (layer_index and int(layer_index.group(1)) >= used) or name.rsplit(".", 1)[-1] in ("post_layernorm", "head"):
+            unused.append(name)
+    return unused
 
 
 def lora_target_pattern(model: nn.Module, table: dict[str, str], components: set[str], names=None) -> str:
     """A full-name regex of the linear layers in `components` (PEFT matches it whole): a connector
-    inside the vision module is not the vision's, and the LM head is never adapted."""
+    inside the vision module is not the vision's, the LM head and the tower's unused layers are
+    never adapted."""
+    unused = unused_vision_modules(model, table)
     chosen = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and component_of(name, table) in components
         and not name.endswith("lm_head")
+        and not is_under(name, unused)
         and (names is None or name.rsplit(".", 1)[-1] in names)
     ]
     if not chosen:
@@ -112,6 +137,7 @@ class ReleasedVLM(VLMBase):
     def __init__(self, vlm: nn.Module, build_args, component_table: dict[str, str]):
         super().__init__(build_args, component_table)
         self.vlm = vlm
+        self.unused_modules = unused_vision_modules(self.base, component_table)
         self.blank_image_inputs: dict[str, torch.Tensor] | None = None  # set by build_released
         # For the data check before step 1, which counts a record's text tokens: its processor
         # expands each image to as many tokens as the image needs, known only per image.
@@ -141,7 +167,8 @@ class ReleasedVLM(VLMBase):
         return {"vlm": ("vlm.", self.vlm)} if isinstance(self.vlm, PeftModel) else {}
 
     def fingerprinted_parts(self) -> dict[str, tuple[nn.Module, object]]:
-        # Every component is base here, the connector included: a released model's is trained.
+        # Every component is base here, the connector included (its linear weights too: it is
+        # never quantized, and most connectors hold nothing else).
         return {c: (self.base, lambda name, c=c: self.component(name) == c) for c in COMPONENTS}
 
     def forward(self, labels=None, **inputs):
@@ -163,10 +190,12 @@ class ReleasedVLM(VLMBase):
             return out
 
         def probe(own: bool):
-            first = labels[labels != -100][:2][None]  # [1, 2]: text tokens, never an image's
+            # One text token (a label, never an image's): a one-row product both ways, also for a
+            # model that ignores logits_to_keep (two rows' product may round differently).
+            first = labels[labels != -100][:1][None]  # [1, 1]
             if own:
                 return self.base(input_ids=first, logits_to_keep=1).logits[:, -1:]  # [1, 1, V]
-            return self.output_head()(self.base.model(input_ids=first).last_hidden_state[:, -1:])
+            return self.output_head()(self.base.model(input_ids=first).last_hidden_state)
 
         return self.loss_at_labels(labels, num_items, hidden_states, own_logits, probe)
 

@@ -27,6 +27,9 @@ class VLMBase(nn.Module):
     def __init__(self, build_args=None, component_table: dict[str, str] | None = None):
         super().__init__()
         self.component_table = component_table or module_table()
+        # Modules the forward never reaches (a released tower's layers after its feature layer):
+        # never trained, never adapted. A composed tower is cut at its feature layer instead.
+        self.unused_modules: list[str] = []
         # The LM head fused with the loss in training steps (model/loss.py): decided on the
         # first training step by `head_is_plain`; False keeps the model's own head and loss.
         self.fused_loss: bool | None = None if build_args is None or build_args.fused_loss else False

@@ -251,7 +251,8 @@ def load_base(args: ModelArguments, weights: bool = True):
     model = build_model(args, weights=weights)
     if weights:
         model.base_fingerprint = {
-            component: fingerprint(module, keep) for component, (module, keep) in model.fingerprinted_parts().items()
+            component: fingerprint(module, keep, linear=component == "connector")
+            for component, (module, keep) in model.fingerprinted_parts().items()
         }
     return model
 

@@ -18,20 +18,21 @@ def base_name(name: str) -> str:
     return re.sub(r"(^|\.)base_model\.model(\.|$)", r"\1", name).replace(".base_layer", "")
 
 
-def fingerprint(module: nn.Module, keep=None) -> str:
+def fingerprint(module: nn.Module, keep=None, linear: bool = False) -> str:
     """sha256 over a strided sample of every parameter outside linear layers.
 
     Linear weights are skipped so that the fingerprint is the same whether the base loads in
     fp32, bf16, 8-bit or 4-bit; the embeddings, norms and patch embeddings that remain differ
     between any two trained (or two differently seeded) bases. Values are rounded to bf16 first
     for the same reason. Adapters are not base weights and are skipped. `keep(name)`: which
-    parameters of `module` count (a released VLM's components share one module tree).
+    parameters of `module` count (a released VLM's components share one module tree); `linear`:
+    sample linear weights too (a part that is never quantized, a released model's connector).
     """
     modules = sorted(((base_name(name), child) for name, child in module.named_modules()), key=lambda item: item[0])
     sampled = [
         (f"{module_name}.{name}".lstrip("."), param)
         for module_name, child in modules
-        if not isinstance(child, nn.Linear)
+        if linear or not isinstance(child, nn.Linear)
         for name, param in sorted(child.named_parameters(recurse=False))
         if "lora_" not in name and (keep is None or keep(f"{module_name}.{name}"))
     ]

@@ -64,7 +64,9 @@ def generate_answers(
 
 
 def first_question(record: dict, image_folder: str | None, num_frames: int = 8) -> tuple[list[dict], list, str | None]:
-    """(messages up to the first answer, images or video frames, expected answer) of a record."""
+    """(messages up to the first answer, images or video frames, expected answer) of a record: the
+    one rule for the question a record asks, in infer.py --data, train.py's evaluation and the web
+    page's picker. A system turn before the question is kept."""
     messages = record_messages(record, image_folder, num_frames)
     images = load_record_media(record, image_folder, num_frames)
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))

@@ -3,6 +3,7 @@ newest complete one is where a run resumes, and pruning never deletes it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -53,3 +54,16 @@ def prune_checkpoints(output_dir: str, keep: int | None) -> None:
     doomed += [path for step, path in folders if step < newest and not is_complete(path)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def finished_step(ckpt_dir: str) -> int | None:
+    """The step a checkpoint ended its run at (its trainer_state.json reached max_steps), or None
+    if the run goes on from it. Resuming from a finished run must not train: the Trainer would
+    run one step past max_steps."""
+    path = os.path.join(ckpt_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        state = json.load(f)
+    step, max_steps = state.get("global_step", 0), state.get("max_steps", 0)
+    return step if max_steps and step >= max_steps else None

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import Trainer
 
+from patches import TrainerHooks
 from run.checkpoint import load_delta, save_checkpoint
 from run.run_folder import mark_complete, prune_checkpoints
 
 
-class VLMTrainer(Trainer):
+class VLMTrainer(TrainerHooks):
     """Five changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
     would write frozen base, LoRA and quantization state together); a `checkpoint-N` counts
@@ -22,11 +22,6 @@ class VLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.parent_checkpoint = parent_checkpoint
         self.train_sampler = train_sampler
-
-    def _get_train_sampler(self, train_dataset=None):
-        if self.train_sampler is not None:
-            return self.train_sampler
-        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -55,11 +50,10 @@ class VLMTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        # Under ZeRO-3 and FSDP the Trainer gathers `state_dict` (full tensors) on every rank
-        # before calling this; the model's own parameters are shards there.
+    # The Trainer's private hooks (patches.TrainerHooks) call these three.
+    def save_delta(self, output_dir: str, state_dict=None) -> None:
+        """The delta checkpoint; `state_dict`: full tensors a sharded engine gathered."""
         if self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
             save_checkpoint(
                 self.accelerator.unwrap_model(self.model),
                 output_dir,
@@ -69,19 +63,12 @@ class VLMTrainer(Trainer):
             )
             print(f"[rank {self.args.process_index}] saved delta checkpoint to {output_dir}")
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # The Trainer prunes old checkpoints before we could mark this one complete; a kill in
-        # between would leave no good checkpoint at save_total_limit 1. So: save, mark, prune.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
+    def checkpoint_saved(self, ckpt_dir: str) -> None:
+        """All of `checkpoint-N` is written: mark it complete, then prune (never the reverse)."""
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial)
-            mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
-            prune_checkpoints(run_dir, limit)
+            mark_complete(ckpt_dir)
+            prune_checkpoints(os.path.dirname(ckpt_dir), self.args.save_total_limit)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def load_delta_from(self, ckpt_dir: str, model) -> None:
         # The one loader: a checkpoint-N from a run on another base is refused here too.
-        load_delta(model or self.model, resume_from_checkpoint)
+        load_delta(model, ckpt_dir)

@@ -1,11 +1,13 @@
 """Training speed, model FLOPs, MFU and peak memory of a recipe; with --peer, against what a user
 would pick instead: transformers' LlavaForConditionalGeneration trained by TRL's SFTTrainer.
 
-    python scripts/bench.py --peer                        # cpu_small, every recipe: rows + ours/peer
-    python scripts/bench.py --recipe lora                 # one row, ours only
-    python scripts/bench.py --shape siglip_so400m_qwen25_05b --peer     # on a GPU (bf16)
-    python scripts/bench.py --peer --peer_trainer trainer # the peer through transformers' Trainer
-    python scripts/bench.py --shape siglip_so400m_qwen25_05b --dtype bfloat16 --plan_only  # no weights
+    python -m scripts.bench --peer                        # cpu_small, every recipe: rows + ours/peer
+    python -m scripts.bench --recipe lora                 # one row, ours only
+    python -m scripts.bench --shape siglip_so400m_qwen25_05b --peer     # on a GPU (bf16)
+    python -m scripts.bench --peer --peer_trainer trainer # the peer through transformers' Trainer
+    python -m scripts.bench --shape siglip_so400m_qwen25_05b --dtype bfloat16 --plan_only  # no weights
+
+(from the repository's root, as every script in scripts/ runs).
 
 A shape (configs/shapes/NAME.yaml) is a vision config, an LLM config and a default batch. It is
 built once with random weights (seed 0, nothing downloaded) and saved with save_pretrained:
@@ -47,7 +49,6 @@ import yaml
 from transformers import HfArgumentParser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python scripts/bench.py`: Python puts scripts/, not the root, on the path
 
 SHAPES = os.path.join(REPO, "configs", "shapes")
 # recipe -> ModelArguments flags, as the shipped configs set them.
@@ -144,7 +145,7 @@ def build_base(out: str, shape: dict, dtype_name: str) -> None:
     torch.manual_seed(0)
     vision = MODEL_MAPPING[type(vision_config)](vision_config).to(dtype)
     llm = AutoModelForCausalLM.from_config(llm_config).to(dtype)
-    connector = MLPProjector(vision_config.hidden_size, llm_config.hidden_size)  # fp32, as build_model makes it
+    connector = MLPProjector(vision_config.hidden_size, llm_config.hidden_size, image_tokens_per_image(shape))  # fp32, as build_model makes it
     vision.save_pretrained(os.path.join(out, "vision"))
     llm.save_pretrained(os.path.join(out, "llm"))
     save_file(connector.state_dict(), os.path.join(out, "connector.safetensors"))
@@ -469,16 +470,15 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
         trainer = VLMTrainer(model=model, args=TrainArguments(**common), train_dataset=dataset,
                              data_collator=collate, callbacks=[StepClock()])
     elif args.peer_trainer == "sft":
-        import trl.trainer.utils
         from trl import SFTConfig, SFTTrainer
 
+        from patches import cap_trl_chunk_size
         from tools.tiny_base import build_tokenizer
 
         # TRL scores the LM head in tiles 32768 words wide: a fraction of a real vocabulary
         # (Qwen2.5: 151,936) but 8x all of cpu_small's, where the tile's unused columns would
         # count against the peer. No wider than the vocabulary, it costs what it does at a real one.
-        if hasattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
-            trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, vocab)
+        cap_trl_chunk_size(vocab)
         config = SFTConfig(**common, gradient_checkpointing=args.gradient_checkpointing,
                            dataset_kwargs={"skip_prepare_dataset": True})
         # SFTTrainer wants a tokenizer; the batches are already token ids, so any one does.
@@ -557,7 +557,7 @@ def _words(args: BenchArguments, **override) -> list[str]:
 def _child(args: BenchArguments, what: str) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *_words(args, child=what)],
+    out = subprocess.run([sys.executable, "-m", "scripts.bench", *_words(args, child=what)],
                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"bench child {what!r} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -722,4 +722,6 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

@@ -2,9 +2,11 @@
 processed) + Collator through a torch DataLoader with `--num_workers` workers, shuffled as the
 Trainer does. No model runs: this is the ceiling the data puts on training speed.
 
-    python scripts/bench_data.py --num_workers 0                  # the demo set and tiny base
-    python scripts/bench_data.py --data_path train.jsonl --image_folder images/ \
+    python -m scripts.bench_data --num_workers 0                  # the demo set and tiny base
+    python -m scripts.bench_data --data_path train.jsonl --image_folder images/ \
         --llm_model PATH --vision_model PATH --num_workers 8 --batch_size 16
+
+(from the repository's root, as every script in scripts/ runs).
 
 With no --data_path it reads configs/demo.yaml's data and base, building them (seeded, no
 download) when missing, as train.py's demo does. Prints one row of key=value fields:
@@ -20,15 +22,13 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from check_data import num_image_tokens  # noqa: E402
-
-from config import DEMO_CONFIG, DataArguments, ModelArguments  # noqa: E402
-from data.dataset import Collator, SupervisedDataset  # noqa: E402
-from model.build import load_processors  # noqa: E402
-from model.vlm import IMAGE_TOKEN_INDEX  # noqa: E402
-from tools.synthetic import make_demo_dataset, vocabulary  # noqa: E402
-from tools.tiny_base import make_tiny_base  # noqa: E402
+from config import DEMO_CONFIG, DataArguments, ModelArguments
+from data.dataset import Collator, SupervisedDataset
+from model.build import load_processors
+from model.vlm import IMAGE_TOKEN_INDEX
+from scripts.check_data import num_image_tokens
+from tools.synthetic import make_demo_dataset, vocabulary
+from tools.tiny_base import make_tiny_base
 
 
 @dataclass
@@ -103,4 +103,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

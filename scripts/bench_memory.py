@@ -1,7 +1,9 @@
 """The `--dry_run` memory plan against a measured peak, for a few recipes on the tiny base.
 
-    python scripts/bench_memory.py                       # the default recipes, CPU RSS
-    python scripts/bench_memory.py --batch_size 32 --seq_len 512
+    python -m scripts.bench_memory                       # the default recipes, CPU RSS
+    python -m scripts.bench_memory --batch_size 32 --seq_len 512
+
+(from the repository's root, as every script in scripts/ runs).
 
 Each run in its own subprocess: build + freeze; one warm-up forward/backward of a
 single short sample (the first forward loads kernels and thread workspaces, ~20 MiB whatever
@@ -154,9 +156,10 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
 
 def child_command(base_dir: str, run: str, batch_size: int, seq_len: int, steps: int) -> list[str]:
     """The command that measures one run ("recipe" or "recipe:ckpt") in a fresh process: runs
-    never share one, since a later run would reuse heap the earlier one freed and read low."""
+    never share one, since a later run would reuse heap the earlier one freed and read low.
+    Run it with cwd at the repository's root."""
     return [
-        sys.executable, os.path.abspath(__file__), "--child", run, "--base", base_dir,
+        sys.executable, "-m", "scripts.bench_memory", "--child", run, "--base", base_dir,
         "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
     ]
 
@@ -178,7 +181,6 @@ def measure(base_dir: str, run: str, batch_size: int, seq_len: int, steps: int) 
 def ensure_base(base_dir: str | None) -> str:
     if base_dir:
         return base_dir
-    sys.path.insert(0, REPO)
     from tools.synthetic import vocabulary
     from tools.tiny_base import make_tiny_base
 
@@ -199,7 +201,6 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        sys.path.insert(0, REPO)
         import torch
 
         torch.set_num_threads(1)

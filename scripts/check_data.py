@@ -3,15 +3,16 @@ Prints every problem (position, line or index, id, reason) and a summary; exits 
 training would refuse to start (a bad record, an unreadable file, a template that masks every
 label), 0 otherwise (too-long records are dropped, duplicate ids only warned).
 
-    python scripts/check_data.py --data_path train.jsonl --image_folder images/ \
+    python -m scripts.check_data --data_path train.jsonl --image_folder images/ \
         --llm_model lmsys/vicuna-7b-v1.5 --vision_model openai/clip-vit-large-patch14-336 \
         --chat_template configs/chat_templates/vicuna_v1.jinja --max_length 2048
+
+(from the repository's root, as every script in scripts/ runs).
 
 The tokenizer and image-token count come from the two bases (the tower is built on the meta
 device: no weights are read), exactly as train.py would use them.
 """
 
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -19,13 +20,12 @@ import torch
 from transformers import AutoConfig, HfArgumentParser
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import DataArguments, ModelArguments  # noqa: E402
-from data.validate import validate_data_file  # noqa: E402
-from model.build import load_processors  # noqa: E402
-from model.connectors import build_connector, num_output_tokens  # noqa: E402
-from model.vision import VisionTower  # noqa: E402
-from model.vlm import IMAGE_TOKEN_INDEX  # noqa: E402
+from config import DataArguments, ModelArguments
+from data.validate import validate_data_file
+from model.build import load_processors
+from model.connectors import CONNECTORS
+from model.vision import VisionTower
+from model.vlm import IMAGE_TOKEN_INDEX
 
 
 @dataclass
@@ -40,8 +40,8 @@ def num_image_tokens(args: ModelArguments) -> int:
     with torch.device("meta"):
         encoder = MODEL_MAPPING[type(vision_config)]._from_config(vision_config)
         tower = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
-        connector = build_connector(args.connector, tower.hidden_size, 8, tower.num_tokens, args)
-    return num_output_tokens(connector, tower.num_tokens)
+        connector = CONNECTORS[args.connector](tower.hidden_size, 8, tower.num_tokens, args)
+    return connector.num_tokens
 
 
 def main(argv=None) -> int:
@@ -61,4 +61,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli import run_main
+
+    sys.exit(run_main(main))

@@ -1,6 +1,8 @@
 """Export a checkpoint (base + delta) as one standalone model folder, LoRA folded in.
 
-    python scripts/export_hf.py --checkpoint outputs/demo --out outputs/demo-hf
+    python -m scripts.export_hf --checkpoint outputs/demo --out outputs/demo-hf
+
+(from the repository's root, as every script in scripts/ runs).
 
 An mlp2x_gelu connector on a CLIP/SigLIP tower and a Llama/Qwen2/Mistral LLM is exactly
 transformers' Llava, so that becomes a Llava folder any Llava client opens:
@@ -14,6 +16,12 @@ connector whose manifest names them, so no base is needed and the folder can be 
 
     python infer.py --checkpoint outputs/demo-hf --image photo.png --prompt "What is shown?"
 
+A checkpoint of a released VLM (`--vlm_model`) becomes that model's own folder, LoRA merged and
+the delta in place, with its processor and the chat template it trained with:
+
+    model = AutoModelForImageTextToText.from_pretrained("outputs/qwen-hf")
+    processor = AutoProcessor.from_pretrained("outputs/qwen-hf")
+
 A QLoRA checkpoint is merged into the base loaded unquantized, as usual for QLoRA.
 """
 
@@ -21,25 +29,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 
-# Run as `python scripts/export_hf.py`: Python puts scripts/ on the path, not the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from peft import PeftModel
+from transformers import (
     HfArgumentParser,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
 
-from model.freeze import apply_freeze_policy  # noqa: E402
-from model.vision import load_vision_encoder  # noqa: E402
-from run.checkpoint import (  # noqa: E402
-    load_base,  # noqa: E402
+from model.freeze import apply_freeze_policy
+from model.vision import load_vision_encoder
+from run.checkpoint import (
+    load_base,
     load_checkpoint,
     save_checkpoint,
 )
@@ -55,6 +59,14 @@ class ExportArguments:
     out: str = field(metadata={"help": "The folder to write the standalone model to."})
     base_vision: str | None = field(default=None, metadata={"help": "Override the base tower."})
     base_llm: str | None = field(default=None, metadata={"help": "Override the base LLM."})
+
+
+def export_released(model, processor, out: str) -> None:
+    """The released model with its LoRA merged and its delta loaded, saved as transformers saves
+    it, beside its processor (which carries the chat template the checkpoint trained with)."""
+    vlm = model.vlm.merge_and_unload() if isinstance(model.vlm, PeftModel) else model.vlm
+    vlm.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 def merge_lora(model) -> None:
@@ -151,9 +163,13 @@ def main(argv=None):
         raise SystemExit("--out must be a new folder: exporting over the checkpoint would replace it.")
     # bits=16: LoRA merges into unquantized weights, whatever the checkpoint trained on.
     model, tokenizer, image_processor, _ = load_checkpoint(args.checkpoint, args.base_vision, args.base_llm, bits=16)
+    if model.build_args.vlm_model:
+        export_released(model, processor=tokenizer, out=args.out)
+        print(f"Wrote {args.out}: AutoModelForImageTextToText + AutoProcessor open it.")
+        return
     merge_lora(model)
     is_llava = (
-        model.build_args.connector == "mlp2x_gelu"
+        model.connector.exports_as_llava
         and model.vision.encoder.config.model_type in LLAVA_TOWERS
         and model.llm.config.model_type in LLAVA_LLMS
     )
@@ -166,4 +182,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

@@ -2,18 +2,17 @@
 processor) and DIR/llm (Llama + a tokenizer with a chat template), each loadable with
 `from_pretrained(path)` exactly like a hub id. Tests, the demo and CI use only such bases.
 
-    python scripts/make_tiny_base.py --out outputs/tiny-base [--seed 0] [--vision siglip]
+    python -m scripts.make_tiny_base --out outputs/tiny-base [--seed 0] [--vision siglip]
+
+(from the repository's root, as every script in scripts/ runs).
 """
 
-import os
-import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.synthetic import vocabulary  # noqa: E402
-from tools.tiny_base import make_tiny_base  # noqa: E402
+from tools.synthetic import vocabulary
+from tools.tiny_base import make_tiny_base
 
 
 @dataclass

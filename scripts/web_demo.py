@@ -1,14 +1,18 @@
 """A web page that shows what fine-tuning did: one question, two answers side by side.
 
-    python scripts/web_demo.py --checkpoint outputs/demo
-    python scripts/web_demo.py --checkpoint outputs/demo --data outputs/demo-data/eval.json \
+    python -m scripts.web_demo --checkpoint outputs/demo
+    python -m scripts.web_demo --checkpoint outputs/demo --data outputs/demo-data/eval.json \
         --image_folder outputs/demo-data
+
+from the repository's root (every script in scripts/ runs as a module).
 
 **fine-tuned** is the checkpoint as infer.py loads it (`load_checkpoint`, the one loader) and
 answers with the same `generate_answers`, so it prints what
-`python infer.py --checkpoint DIR --image X --prompt Q` prints. **base** is the manifest's
-base built by the same `build_model` with no delta, its connector seeded as train.py seeded it,
-so it answers as the run did at step 0. A side panel shows the checkpoint: base and
+`python infer.py --checkpoint DIR --image X --prompt Q` prints: a typed question becomes messages
+by the same `question_messages`, and a picked --data record's question, left unchanged, is asked
+exactly as `infer.py --data` asks it (`first_question`, a system turn kept). **base** is the
+manifest's base built by the same `build_model` with no delta, its connector seeded as train.py
+seeded it, so it answers as the run did at step 0. A side panel shows the checkpoint: base and
 fingerprint, connector, freeze table, LoRA settings, steps and the loss curve.
 
 Listens on 127.0.0.1 (`--host 0.0.0.0` to open it to the network), never shares a public link,
@@ -24,26 +28,22 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 
-# Run as `python scripts/web_demo.py`: Python puts scripts/ on the path, not the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gradio as gr
+import pandas as pd
+import yaml
+from PIL import Image
+from transformers import HfArgumentParser, set_seed
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import HfArgumentParser, set_seed  # noqa: E402
-
-from config import ConfigError  # noqa: E402
-from data.dataset import read_records, record_messages  # noqa: E402
-from data.media import load_image, record_media  # noqa: E402
-from data.messages import as_llava_file  # noqa: E402
-from data.prompt import IMAGE_MARKER, VIDEO_MARKER, add_image_markers, expand_video_marker  # noqa: E402
-from data.records import DataError  # noqa: E402
-from infer import InferArguments  # noqa: E402
-from model.freeze import apply_freeze_policy, format_table  # noqa: E402
-from run.checkpoint import CheckpointError, check_base, load_base, load_checkpoint  # noqa: E402
-from run.predict import generate_answers  # noqa: E402
-from run.run_folder import checkpoint_step  # noqa: E402
+from config import ConfigError
+from data.dataset import read_records
+from data.media import load_image, record_media
+from data.messages import as_llava_file
+from data.prompt import IMAGE_MARKER, VIDEO_MARKER, MarkerMismatch, question_messages
+from data.records import DataError
+from model.freeze import apply_freeze_policy, format_table
+from run.checkpoint import CheckpointError, check_base, load_base, load_checkpoint
+from run.predict import MAX_NEW_TOKENS, first_question, generate_answers
+from run.run_folder import checkpoint_step
 
 MAX_PIXELS = 4096 * 4096  # a page anyone can post to gets a tighter cap than PIL's bomb limit
 MAX_UPLOAD = "20mb"
@@ -152,27 +152,46 @@ def read_images(paths: list[str]) -> list[Image.Image]:
 
 
 def build_prompt(question: str, images: list) -> list[dict]:
-    """infer.py's --prompt rule: markers where the question puts them, else one per image first."""
-    messages = [{"role": "user", "content": question}]
-    if VIDEO_MARKER in question:  # the images are a video's frames, in time order
-        messages = expand_video_marker(messages, len(images))
-    messages = add_image_markers(messages, len(images))
-    markers = messages[0]["content"].count(IMAGE_MARKER)
+    """A typed question -> messages, by infer.py's --prompt rule (`question_messages`): markers
+    where the question puts them, else one per image first; a `<video>` marker makes the images
+    a video's frames, in time order."""
+    try:
+        return question_messages(question, len(images), video=VIDEO_MARKER in question)
+    except MarkerMismatch as error:
+        raise PageError(
+            f"The question has {error.markers} `{IMAGE_MARKER}` marker(s) for {error.num_images} image(s): upload "
+            "one image per marker, or remove the markers and the images all go before the question."
+        ) from error
+
+
+def _same_text(a: str, b: str) -> bool:
+    return a.replace("\r\n", "\n") == b.replace("\r\n", "\n")  # a browser's textarea sends \n
+
+
+def prompt_messages(question: str, images: list, picked: dict | None) -> list[dict]:
+    """The messages asked. The picked record's question, unchanged: exactly `first_question`'s
+    messages (a system turn included), as infer.py --data asks it; anything typed or edited:
+    `build_prompt`."""
+    if not (picked and _same_text(question, picked["question"])):
+        return build_prompt(question, images)
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in picked["messages"])
     if markers != len(images):
         raise PageError(
-            f"The question has {markers} `{IMAGE_MARKER}` marker(s) for {len(images)} image(s): upload one image "
-            f"per marker, or remove the markers and the images all go before the question."
+            f"The record's question has {markers} `{IMAGE_MARKER}` marker(s) for {len(images)} image(s): "
+            "pick the record again to restore its images, or edit the question."
         )
-    return messages
+    return picked["messages"]
 
 
-def answer(models: dict, gallery, question: str, max_new_tokens: int, mode: str, temperature: float):
-    """Gradio handler -> (fine-tuned answer, base answer, status Markdown)."""
+def answer(models: dict, gallery, question: str, max_new_tokens: int, mode: str, temperature: float,
+           picked: dict | None = None):
+    """Gradio handler -> (fine-tuned answer, base answer, status Markdown). `picked`: the
+    picked record's question and messages (`pick_record`), or None."""
     try:
         if not (question or "").strip():
             raise PageError("Type a question first.")
         images = read_images([item[0] for item in gallery or []])
-        prompt = [(build_prompt(question, images), images)]
+        prompt = [(prompt_messages(question, images, picked), images)]
     except PageError as error:
         return "", "", f"**Error:** {error}"
     sampling = {"do_sample": mode == "sample", "temperature": temperature}
@@ -188,18 +207,20 @@ def answer(models: dict, gallery, question: str, max_new_tokens: int, mode: str,
 
 
 def pick_record(records: list[dict], image_folder: str | None, num_frames: int, index):
-    """A --data record -> (its images or frames, its first question, expected answer, status)."""
+    """A --data record -> (its first question's images or frames, that question, expected answer,
+    status, picked). The question is `first_question`'s, the rule infer.py --data and train.py's
+    evaluation ask by; `picked` keeps its messages (a system turn included) for `answer`."""
     if index is None:
-        return gr.skip(), gr.skip(), gr.skip(), ""
+        return gr.skip(), gr.skip(), gr.skip(), "", gr.skip()
+    record = records[int(index)]
     try:
-        # record_messages is how training and infer.py --data read a record: same markers, frames.
-        messages = record_messages(records[int(index)], image_folder, num_frames)
-        media = record_media(records[int(index)], image_folder, num_frames)  # paths, or a video file's frames
+        messages, images, expected = first_question(record, image_folder, num_frames)
+        # Paths where the media are files (Gradio serves them), a video file's decoded frames.
+        media = record_media(record, image_folder, num_frames)[: len(images)]
     except DataError as error:
-        return None, "", "", f"**Error:** this record cannot be read: {error}"
-    user = next((m["content"] for m in messages if m["role"] == "user"), "")
-    expected = next((m["content"] for m in messages if m["role"] == "assistant"), "")
-    return media, user, expected, ""
+        return None, "", "", f"**Error:** this record cannot be read: {error}", None
+    question = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return media, question, expected or "", "", {"question": question, "messages": messages}
 
 
 def _record_label(record: dict) -> str:
@@ -228,7 +249,7 @@ def build_page(models: dict, args: WebDemoArguments, records: list[dict] | None 
                 expected = gr.Textbox(label="Expected answer (from the data)", interactive=False,
                                       visible=bool(records), elem_id="expected")
                 with gr.Accordion("Generation settings", open=False):
-                    max_new_tokens = gr.Slider(1, 512, value=InferArguments.max_new_tokens, step=1,
+                    max_new_tokens = gr.Slider(1, 512, value=MAX_NEW_TOKENS, step=1,
                                                label="max new tokens (infer.py's default)")
                     mode = gr.Radio(["greedy", "sample"], value="greedy", label="decoding")
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (sample only)")
@@ -251,12 +272,13 @@ def build_page(models: dict, args: WebDemoArguments, records: list[dict] | None 
                         gr.Markdown("No loss history: trainer_state.json is absent (a run before "
                                     "train.py saved it).")
         if not failed:
-            inputs = [gallery, question, max_new_tokens, mode, temperature]
+            picked = gr.State(None)  # the picked record's question and first_question messages
+            inputs = [gallery, question, max_new_tokens, mode, temperature, picked]
             ask.click(partial(answer, models), inputs, [finetuned_box, base_box, status])
             if records:  # an upload replaces the record's images: its expected answer no longer applies
                 gallery.upload(lambda: "", None, expected)
                 picker.input(partial(pick_record, records, args.image_folder, args.num_frames),
-                             picker, [gallery, question, expected, status])
+                             picker, [gallery, question, expected, status, picked])
     return page
 
 
@@ -282,4 +304,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run_main
+
+    run_main(main)

@@ -69,3 +69,34 @@ def model_args(tiny_base):
     from helpers import tiny_model_args
 
     return lambda **overrides: tiny_model_args(tiny_base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def released_vlm(tmp_path_factory):
+    """`released_vlm(family, seed=0)` -> folder of a tiny released VLM (tools/tiny_vlms.py: the
+    family's config at toy size, seeded random weights, saved with save_pretrained), built once per
+    (family, seed) in this session. Same seed, same weights; another seed, same config."""
+    from tools.tiny_vlms import make_tiny_vlm
+
+    root = tmp_path_factory.mktemp("released_vlms")
+    return lambda family, seed=0: make_tiny_vlm(family, str(root / f"{family}-{seed}"), seed=seed)
+
+
+@pytest.fixture(scope="session")
+def released_data(tmp_path_factory) -> dict:
+    """{"train", "eval", "mixed": json, "image_folder": dir}: 8 + 2 synthetic shape records (1-2
+    turns each), and `mixed`: one of those image records plus one text-only record."""
+    import json
+
+    root = tmp_path_factory.mktemp("released_data")
+    paths = make_demo_dataset(str(root), train_size=8, eval_size=2)
+    with open(paths["train"]) as f:
+        with_image = json.load(f)[0]
+    text_only = {
+        "id": "text-only",
+        "conversations": [{"from": "human", "value": "What is a square?"}, {"from": "gpt", "value": "square"}],
+    }
+    mixed = str(root / "mixed.json")
+    with open(mixed, "w") as f:
+        json.dump([with_image, text_only], f)
+    return {**paths, "mixed": mixed, "image_folder": str(root)}

@@ -31,7 +31,7 @@ def workdir(tmp_path_factory) -> str:
 
 def run_bench(workdir: str, *extra: str) -> list[str]:
     result = subprocess.run(
-        [sys.executable, "scripts/bench.py", *ARGS, "--workdir", workdir, *extra],
+        [sys.executable, "-m", "scripts.bench", *ARGS, "--workdir", workdir, *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_plan_only_plans_every_recipe_without_weights(tmp_path):
     """--plan_only builds each recipe on the meta device from the shape's configs: a GPU shape
     is planned on any machine, with nothing trained or downloaded."""
     result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "scripts.bench", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,18 +3,10 @@ row of fields; the speed itself is measured by hand (README, "Data"), never asse
 
 from __future__ import annotations
 
-import os
-import sys
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_bench_data_prints_its_row(demo_data, tiny_base, capsys):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    try:
-        import bench_data
-    finally:
-        sys.path.pop(0)
+    from scripts import bench_data
+
     bench_data.main([
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--llm_model", tiny_base["llm"], "--vision_model", tiny_base["vision"], "--max_length", "256",

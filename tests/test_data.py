@@ -441,7 +441,7 @@ def test_the_check_is_cached_by_file_hash(tmp_path, folder, tiny_tokenizer, monk
 def test_check_data_script_lists_every_problem_and_exits_1(tmp_path, folder, tiny_base):
     path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("bad", image="nope.png"), "{oops"])
     result = subprocess.run(
-        [sys.executable, "scripts/check_data.py", "--data_path", path, "--image_folder", folder,
+        [sys.executable, "-m", "scripts.check_data", "--data_path", path, "--image_folder", folder,
          "--llm_model", tiny_base["llm"], "--vision_model", tiny_base["vision"], "--max_length", "256"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -453,11 +453,8 @@ def test_check_data_script_lists_every_problem_and_exits_1(tmp_path, folder, tin
 
 
 def test_check_data_script_passes_good_data(demo_data, tiny_base, capsys):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    try:
-        import check_data
-    finally:
-        sys.path.pop(0)
+    from scripts import check_data
+
     code = check_data.main([
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--llm_model", tiny_base["llm"], "--vision_model", tiny_base["vision"], "--max_length", "256",

@@ -131,3 +131,18 @@ def test_deepspeed_configs_pass_the_trainer_integration(path):
     assert resolved.zero_optimization_stage in (2, 3)
     if resolved.zero_optimization_stage == 3:
         assert resolved.zero_config.gather_16bit_weights_on_model_save  # or the delta cannot be saved
+
+
+def test_zero3_relaunching_a_finished_run_changes_nothing(tiny_base, demo_data, tmp_path, zero3_everything_partitioned):
+    """A retrying scheduler's relaunch of a finished ZeRO-3 run: no step past max_steps (the
+    Trainer alone would train one), the delta untouched, every rank leaves."""
+    out = tmp_path / "zero3"
+    args = (*LORA_AND_CONNECTOR, "--deepspeed", zero3_everything_partitioned, "--save_strategy", "steps", "--save_steps", "3",
+            "--lr_scheduler_type", "constant")
+    torchrun_train(2, tiny_base, demo_data, out, *args)
+    delta = load_file(out / DELTA)
+    stdout = torchrun_train(2, tiny_base, demo_data, out, *args, "--resume_from_checkpoint", "true")
+    assert "finished at step 3" in stdout, stdout
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-3").exists()
+    for name, tensor in load_file(out / DELTA).items():
+        assert torch.equal(tensor, delta[name]), name

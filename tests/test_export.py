@@ -101,7 +101,8 @@ def test_llava_export_of_clip_lora_matches_our_model(tiny_base, tmp_path, monkey
     # The script's own `__main__` block and argument parsing, in this process (a subprocess
     # would pay ~10 s of imports again).
     monkeypatch.setattr(sys, "argv", ["export_hf.py", "--checkpoint", ckpt, "--out", out])
-    runpy.run_path(os.path.join(REPO_ROOT, "scripts", "export_hf.py"), run_name="__main__")
+    monkeypatch.delitem(sys.modules, "scripts.export_hf")  # run afresh as `python -m scripts.export_hf` runs it
+    runpy.run_module("scripts.export_hf", run_name="__main__")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["vision_feature_select_strategy"] == "default" and config["vision_feature_layer"] == -2
     assert_llava_matches(ckpt, out, tiny_base["vision"])

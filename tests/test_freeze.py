@@ -364,3 +364,29 @@ def test_rates_default_to_learning_rate(tiny_base, tmp_path):
     apply_freeze_policy(model, args)
     optimizer = make_trainer(model, tmp_path, learning_rate=3e-4).create_optimizer()
     assert {g["lr"] for g in optimizer.param_groups} == {3e-4}
+
+
+def test_a_frozen_regex_that_empties_a_declared_component_is_refused(tiny_base):
+    """`--lora_enable true` declares the LLM's LoRA trainable; a frozen_regex that matches every
+    adapter would train the connector alone without a word. Refused, naming the regex."""
+    from model.freeze import FreezeError
+
+    args = tiny_model_args(tiny_base, lora_enable=True, lora_r=4, frozen_regex=[r"llm\..*lora_"])
+    with pytest.raises(FreezeError, match=r"llm \(lora\).*--frozen_regex \['llm\\\\\.\.\*lora_'\]"):
+        apply_freeze_policy(load_base(args), args)
+
+
+@pytest.mark.parametrize("fraction, trained_layers", [(0.5, {1}), (1.0, {0, 1})])
+def test_lora_top_layers_is_chosen_from_the_models_depth(tiny_base, fraction, trained_layers):
+    """openpi's recipe, LoRA on the upper half of the LLM, on a 2-layer LLM: layer 1 trains (a
+    fixed layer regex written for a 26-layer model froze every adapter of a small one)."""
+    import re
+
+    args = tiny_model_args(tiny_base, lora_enable=True, lora_r=4, lora_top_layers=fraction)
+    model = load_base(args)
+    apply_freeze_policy(model, args)
+    layers = {
+        int(re.search(r"layers\.(\d+)\.", n).group(1)): p.requires_grad
+        for n, p in model.llm.named_parameters() if "lora_" in n
+    }
+    assert {layer for layer, trains in layers.items() if trains} == trained_layers and len(layers) == 2

@@ -82,3 +82,31 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_base, demo_data, tmp_pat
     # save_total_limit 1: one complete checkpoint left, the torn one cleaned up.
     checkpoints = sorted(n for n in os.listdir(interrupted) if n.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-8"]
+
+
+def test_relaunching_a_finished_run_changes_nothing(tiny_base, demo_data, tmp_path):
+    """What a retrying job scheduler does: the same command with --resume_from_checkpoint true
+    after the run ended. No step past max_steps, no file rewritten."""
+    out = str(tmp_path / "run")
+    argv = train_argv(tiny_base, demo_data, out, "--max_steps", "4", "--lr_scheduler_type", "constant")
+    run(argv)
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    delta = load_file(os.path.join(out, DELTA))
+    result = run([*argv, "--resume_from_checkpoint", "true"])
+    assert "finished at step 4" in result.stdout
+    assert not os.path.exists(os.path.join(out, "checkpoint-5")) and latest_checkpoint(out).endswith("checkpoint-4")
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    for name, tensor in load_file(os.path.join(out, DELTA)).items():
+        assert torch.equal(tensor, delta[name]), name
+
+
+def test_a_finished_run_cut_off_before_its_final_save_saves_its_last_checkpoint(tiny_base, demo_data, tmp_path):
+    out = str(tmp_path / "run")
+    argv = train_argv(tiny_base, demo_data, out, "--max_steps", "4", "--lr_scheduler_type", "constant")
+    run(argv)
+    final = load_file(os.path.join(out, DELTA))
+    os.remove(os.path.join(out, "vlm_manifest.json"))  # as if killed before the final save
+    run([*argv, "--resume_from_checkpoint", "true"])
+    assert not os.path.exists(os.path.join(out, "checkpoint-5"))
+    for name, tensor in load_file(os.path.join(out, DELTA)).items():
+        assert torch.equal(tensor, final[name]), name

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from data.media import load_image
 from run.checkpoint import load_checkpoint
-from run.predict import generate_answers
+from run.predict import MAX_NEW_TOKENS, generate_answers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # generous: the machine is shared, and this is a hang guard, not a benchmark
@@ -110,7 +110,7 @@ def test_infer_answers_one_question(trained, demo_data):
     model, tokenizer, image_processor, _ = load_checkpoint(out)
     messages = [{"role": "user", "content": "<image>\n" + question}]
     (expected,) = generate_answers(
-        model, tokenizer, image_processor, [(messages, [load_image(image)])], max_new_tokens=64
+        model, tokenizer, image_processor, [(messages, [load_image(image)])], max_new_tokens=MAX_NEW_TOKENS
     )
     assert expected  # 3 steps from a random base: not a good answer, but some text
     assert result.stdout.endswith(expected + "\n")  # the answer may span lines; it is printed last
@@ -124,7 +124,7 @@ def test_infer_answers_a_data_file(trained, demo_data, tmp_path):
         "--data", demo_data["eval"],
         "--image_folder", demo_data["image_folder"],
         "--output", preds,
-        "--max_new_tokens", "32",  # train.py's held-out evaluation generates 32
+        "--max_new_tokens", str(MAX_NEW_TOKENS),  # the one default, which train.py's evaluation uses too
     )
     with open(demo_data["eval"]) as f:
         records = json.load(f)

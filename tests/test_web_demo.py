@@ -9,7 +9,6 @@ message. It writes docs/web_demo.png, the README's screenshot."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -116,10 +115,11 @@ def serve(workdir: str, *pages: list[str]):
             port = free_port()
             log_path = os.path.join(workdir, f"web_demo_{port}.log")
             with open(log_path, "w") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, os.path.join(REPO_ROOT, "scripts", "web_demo.py"), *argv, "--port", str(port)],
+                proc = subprocess.Popen(  # `python -m scripts.web_demo`, the repository's root on the path
+                    [sys.executable, "-m", "scripts.web_demo", *argv, "--port", str(port)],
                     cwd=workdir,
-                    stdout=log, stderr=subprocess.STDOUT, env=script_env(workdir), start_new_session=True,
+                    stdout=log, stderr=subprocess.STDOUT, env={**script_env(workdir), "PYTHONPATH": REPO_ROOT},
+                    start_new_session=True,
                 )
             procs.append((proc, f"http://127.0.0.1:{port}/", log_path))
         for proc, url, log_path in procs:
@@ -269,11 +269,9 @@ def test_refused_checkpoint_shows_the_loaders_message(browser, urls):
 @pytest.fixture(scope="module")
 def web_demo():
     """The script as a module, for its helpers (no server)."""
-    spec = importlib.util.spec_from_file_location("web_demo", os.path.join(REPO_ROOT, "scripts", "web_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_demo"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from scripts import web_demo
+
+    return web_demo
 
 
 def test_unreadable_and_huge_images_are_refused_in_words(web_demo, tmp_path):
@@ -309,14 +307,14 @@ def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
         ], f)
     save_video(str(tmp_path / "movie.mp4"), 6)
     records = read_records(str(tmp_path / "data.json"))
-    paths, question, expected, status = web_demo.pick_record(records, str(tmp_path), 3, "0")
+    paths, question, expected, status, _ = web_demo.pick_record(records, str(tmp_path), 3, "0")
     assert [os.path.basename(p) for p in paths] == ["a.png", "b.png"] and expected == "a" and status == ""
     assert len(web_demo.build_prompt(question, web_demo.read_images(paths))) == 1
-    paths, question, expected, _ = web_demo.pick_record(records, str(tmp_path), 3, "1")
+    paths, question, expected, _, _ = web_demo.pick_record(records, str(tmp_path), 3, "1")
     assert len(paths) == 3 and question.count("<image>") == 3 and expected == "nothing"
     with pytest.raises(web_demo.PageError, match="3 `<image>` marker"):
         web_demo.build_prompt(question, [])
-    frames, question, expected, status = web_demo.pick_record(records, str(tmp_path), 3, "2")
+    frames, question, expected, status, _ = web_demo.pick_record(records, str(tmp_path), 3, "2")
     assert question.count("<image>") == 3 and expected == "it reddens" and status == ""
     reference = load_video_frames(str(tmp_path / "movie.mp4"), 3)
     assert [np.asarray(f).tolist() for f in frames] == [np.asarray(f).tolist() for f in reference]

@@ -251,16 +251,9 @@ def _block_backward_working(s: _Shape, act: int) -> float:
 
 def _connector_bytes(model, trains: bool, grad_flows: bool, act: int) -> float:
     """Per image, what the connector keeps."""
-    c = model.vision.hidden_size
-    d = model.llm.get_input_embeddings().embedding_dim
-    p = model.vision.num_tokens
-    q = model.num_image_tokens
     if not (trains or grad_flows):
         return 0.0
-    if hasattr(model.connector, "num_queries"):  # resampler: kv path per patch, query path per query
-        heads = model.connector.attn.num_heads
-        return act * (p * (c + 5 * d) + q * (5 * d)) + 4 * (2 * p + q * heads + 2 * q)
-    return act * p * ((c + 2 * d) if trains else d)
+    return model.connector.saved_bytes_per_image(trains, act)
 
 
 def _vision_bytes(model, s: _Shape, blocks: dict[int, _Block], images: int, ckpt: bool, act: int, mask: int):

@@ -23,9 +23,14 @@ class Resampler(nn.Module):
     """MiniCPM-V's perceiver resampler: `num_queries` learned queries cross-attend to the patch
     features, so every image costs the LLM a fixed number of tokens whatever its patch count."""
 
-    def __init__(self, vision_dim, llm_dim, num_vision_tokens, num_queries=64, num_heads=8):
+    help = "MiniCPM-V's perceiver resampler: resampler_num_queries tokens per image"
+    exports_as_llava = False  # no transformers class holds it
+
+    def __init__(self, vision_dim, llm_dim, num_vision_tokens, args):
         super().__init__()
-        self.num_queries = num_queries
+        num_queries, num_heads = args.resampler_num_queries, args.resampler_num_heads
+        self.num_vision_tokens = num_vision_tokens
+        self.num_tokens = self.num_queries = num_queries
         self.query = nn.Parameter(torch.randn(num_queries, llm_dim) * 0.02)
         self.kv_proj = nn.Linear(vision_dim, llm_dim, bias=False)
         self.ln_q = nn.LayerNorm(llm_dim)
@@ -42,3 +47,8 @@ class Resampler(nn.Module):
         queries = self.ln_q(self.query).unsqueeze(0).expand(kv.shape[0], -1, -1)  # [N, Q, D]
         out, _ = self.attn(queries, kv + self.pos_embed.to(kv.dtype), kv, need_weights=False)
         return self.proj(self.ln_post(out))
+
+    def saved_bytes_per_image(self, trains: bool, act: int) -> float:
+        """The kv path keeps per patch, the query path per query, attention its weights."""
+        p, q, c, d = self.num_vision_tokens, self.num_queries, self.kv_proj.in_features, self.kv_proj.out_features
+        return act * (p * (c + 5 * d) + q * (5 * d)) + 4 * (2 * p + q * self.attn.num_heads + 2 * q)

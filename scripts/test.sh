@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine: installs everything it uses, then runs it. `.ci/run` runs
+# exactly this; extra arguments go to pytest.
+#   bash scripts/test.sh [tests/test_config.py -k unknown ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the repo root
+
+# Everything the suite imports: the pipeline, the test tools, and the DeepSpeed extra
+# (tests/test_deepspeed.py runs ZeRO-2/3 for real; DeepSpeed builds its ops on first install).
+python -m pip install --quiet -r requirements-dev.txt -r requirements-deepspeed.txt
+
+# tests/test_web_demo.py drives Debian's Chromium through Playwright (Playwright's own browser
+# download is not reachable everywhere).
+if ! command -v chromium >/dev/null; then
+    if ! command -v apt-get >/dev/null; then
+        echo "scripts/test.sh: no chromium and no apt-get: install Chromium (the web page's browser test needs it), then rerun." >&2
+        exit 1
+    fi
+    if [ "$EUID" -eq 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
+
+# pytest's exit status is this script's.
+exec python -m pytest -q "$@"
