@@ -1,18 +1,4 @@
 #!/usr/bin/env bash
-# openpi style: frozen LLM, LoRA trained only on the layers a regex selects (see the config).
-#   bash scripts/openpi.sh [--max_steps 10 ...]
-set -euo pipefail
-cd "$(dirname "$0")/.."  # paths below are relative to the repo root
-# One process per visible GPU (as CUDA_VISIBLE_DEVICES shows them), 1 without one; NPROC=N overrides.
-NPROC=${NPROC:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-echo "$(basename "$0"): $NPROC process(es); set NPROC to change"
-VISION=${VISION:-google/siglip-so400m-patch14-384}
-LLM=${LLM:-Qwen/Qwen2.5-1.5B-Instruct}
-DATA=${DATA:-data/train.json}
-IMAGES=${IMAGES:-data/images}
-OUT=${OUT:-outputs/openpi}
-
-# cli.py torchrun: torchrun, without the launcher's traceback when a rank stops on a user error.
-python cli.py torchrun --nproc_per_node="$NPROC" train.py configs/openpi_regex.yaml \
-  --vision_model "$VISION" --llm_model "$LLM" \
-  --data_path "$DATA" --image_folder "$IMAGES" --output_dir "$OUT" "$@"
+# openpi style: frozen LLM, LoRA on the upper half of its layers' attention: configs/openpi_regex.yaml.
+#   DATA=train.json IMAGES=images/ bash scripts/openpi.sh [--max_steps 10 ...]   (VISION, LLM, OUT, INIT_FROM, NPROC too)
+exec bash "$(dirname "$0")/launch.sh" configs/openpi_regex.yaml "$@"
