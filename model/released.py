@@ -25,16 +25,16 @@ from patches import keep_4bit_layout
 PREFIX_LM_TYPES = ("paligemma",)
 
 
-def load_processor(args, chat_template_path: str | None = None):
+def load_processor(args, chat_template_path: str | None = None, need_template: bool = True):
     """The model's own processor: chat template, tokenizer, image (and video) processor; the
     pixel budget from the config where the family has one (Qwen2-VL's min_pixels/max_pixels);
-    a .jinja file replaces its chat template (PaliGemma ships none)."""
+    a .jinja file replaces its chat template (PaliGemma ships none; the model's build needs none)."""
     budget = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     processor = AutoProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision, **budget)
     if chat_template_path:
         with open(chat_template_path) as f:
             processor.chat_template = f.read()
-    if not processor.chat_template:
+    if need_template and not processor.chat_template:
         raise ValueError(f"{args.vlm_model}'s processor has no chat template: pass --chat_template FILE.jinja.")
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
@@ -116,7 +116,7 @@ def build_released(args, weights: bool = True) -> ReleasedVLM:
         ))
     model = ReleasedVLM(vlm, args, table)
     if weights:
-        processor = AutoProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision)
+        processor = load_processor(args, need_template=False)  # with the pixel budget, as the data's
         model.blank_image_inputs = blank_image_inputs(processor)
         model.image_token_index = processor.image_token_id
     return model

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from config import ModelArguments
+from run.fingerprint import base_name
 
 
 def tiny_model_args(tiny_base: dict, **overrides) -> ModelArguments:
@@ -55,3 +56,28 @@ def save_video(path, count, size=48) -> str:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
     return path
+
+
+# Where each family keeps its parts, in transformers' parameter names (docs/released_vlm_families.md).
+# The connector is checked first: Qwen2.5-VL's merger sits inside its vision module.
+PARTS = {
+    "llava": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
+              "llm": ("model.language_model.", "lm_head.")},
+    "qwen2_5_vl": {"connector": ("model.visual.merger.",), "vision": ("model.visual.",),
+                   "llm": ("model.language_model.", "lm_head.")},
+    "smolvlm": {"connector": ("model.connector.",), "vision": ("model.vision_model.",),
+                "llm": ("model.text_model.", "lm_head.")},
+    "paligemma": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
+                  "llm": ("model.language_model.", "lm_head.")},
+    "minicpmv4_6": {"connector": ("model.merger.",), "vision": ("model.vision_tower.",),
+                    "llm": ("model.language_model.", "lm_head.")},
+}
+
+
+def part_of(family: str, name: str) -> str:
+    """The component a parameter of our model belongs to, by transformers' own name for it."""
+    plain = base_name(name.removeprefix("vlm."))
+    for part in ("connector", "vision", "llm"):
+        if plain.startswith(PARTS[family][part]):
+            return part
+    raise AssertionError(f"{family}: {name} ({plain}) is in no part")

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT, SUBPROCESS_ENV
+from helpers import REPO_ROOT, SUBPROCESS_ENV, part_of
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -44,20 +44,6 @@ RECIPES = {
     "vision_lora": (dict(LORA, lora_target="vit"), {"vision": "lora", "connector": "full", "llm": "frozen"}),
     "full_tower": (dict(freeze_vit=False), {"vision": "full", "connector": "full", "llm": "frozen"}),
 }
-# Where each family keeps its parts, in transformers' parameter names (docs/released_vlm_families.md).
-# The connector is checked first: Qwen2.5-VL's merger sits inside its vision module.
-PARTS = {
-    "llava": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-              "llm": ("model.language_model.", "lm_head.")},
-    "qwen2_5_vl": {"connector": ("model.visual.merger.",), "vision": ("model.visual.",),
-                   "llm": ("model.language_model.", "lm_head.")},
-    "smolvlm": {"connector": ("model.connector.",), "vision": ("model.vision_model.",),
-                "llm": ("model.text_model.", "lm_head.")},
-    "paligemma": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-                  "llm": ("model.language_model.", "lm_head.")},
-    "minicpmv4_6": {"connector": ("model.merger.",), "vision": ("model.vision_tower.",),
-                    "llm": ("model.language_model.", "lm_head.")},
-}
 # What one supervised assistant turn decodes to: its answer and the template's end of turn, nothing
 # of the prompt (the tiny chat templates of tools/tiny_vlms.py).
 SUPERVISED = {
@@ -70,15 +56,6 @@ SUPERVISED = {
 ANSWERS = [["red", "circle"], ["2"]]  # per conversation of `conversations`
 QUESTION = "What color are the shapes?"
 MAX_NEW_TOKENS = 8
-
-
-def part_of(family: str, name: str) -> str:
-    """The component a parameter of our model belongs to, by transformers' own name for it."""
-    plain = base_name(name.removeprefix("vlm."))
-    for part in ("connector", "vision", "llm"):
-        if plain.startswith(PARTS[family][part]):
-            return part
-    raise AssertionError(f"{family}: {name} ({plain}) is in no part")
 
 
 def build(folder: str, **overrides):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import PARTS, part_of
 from PIL import Image
 
 from tools.tiny_vlms import FAMILIES, make_tiny_vlm
@@ -21,33 +22,12 @@ PLACEHOLDER = {
 }
 # Image tokens (config.image_token_id) a 48x48 image expands to.
 IMAGE_TOKENS = {"llava": 16, "qwen2_5_vl": 9, "smolvlm": 9, "paligemma": 16, "minicpmv4_6": 9}
-# Parameter-name prefixes of each part (connector first: Qwen's merger sits inside model.visual).
-PARTS = {
-    "llava": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-              "llm": ("model.language_model.", "lm_head.")},
-    "qwen2_5_vl": {"connector": ("model.visual.merger.",), "vision": ("model.visual.",),
-                   "llm": ("model.language_model.", "lm_head.")},
-    "smolvlm": {"connector": ("model.connector.",), "vision": ("model.vision_model.",),
-                "llm": ("model.text_model.", "lm_head.")},
-    "paligemma": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-                  "llm": ("model.language_model.", "lm_head.")},
-    "minicpmv4_6": {"connector": ("model.merger.",), "vision": ("model.vision_tower.",),
-                    "llm": ("model.language_model.", "lm_head.")},
-}
-
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color are the shapes?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
     {"role": "user", "content": "What shape is shown?"},  # string content
     {"role": "assistant", "content": "circle"},
 ]
-
-
-def part_of(family: str, name: str) -> str:
-    for part, prefixes in PARTS[family].items():
-        if name.startswith(prefixes):
-            return part
-    raise AssertionError(f"{family}: parameter {name} belongs to no part")
 
 
 @pytest.fixture(scope="session")

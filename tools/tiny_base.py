@@ -47,18 +47,25 @@ TINY_LLM = dict(
 )
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes) trained on `corpus`, so its words are single tokens."""
+def train_bpe(corpus: list[str], special_tokens: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (any text encodes) trained on `corpus`, so its words are single tokens;
+    `special_tokens` get ids 0..n-1, in order."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer)
+    return bpe
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny base's tokenizer: BPE on `corpus`, ChatML special tokens and template."""
+    bpe = train_bpe(corpus, SPECIAL_TOKENS, vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",

@@ -124,19 +124,12 @@ def _tokenizer(specials: list[str], chat_template: str, vocab_size: int = 384, b
     """`specials` become single special tokens (ids 0..n-1, in order); `named` are the tokenizer's
     named tokens (eos_token=..., pad_token=...) and model-specific ones (image_token=...), the
     latter saved in tokenizer_config.json's extra_special_tokens and readable as attributes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_corpus(), trainer)
+    from tools.tiny_base import train_bpe
+
+    bpe = train_bpe(_corpus(), specials, vocab_size)
     if bos_template is not None:  # Llama-style: the tokenizer, not the template, prepends <s>
         bos_id = bpe.token_to_id(bos_template)
         bpe.post_processor = processors.TemplateProcessing(
