@@ -58,7 +58,9 @@ def delta_names(model) -> list[str]:
     ]
 
 
-def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = None, state_dict=None) -> None:
+def save_checkpoint(
+    model, out_dir: str, tokenizer=None, parent: str | None = None, state_dict=None, seed: int | None = None
+) -> None:
     """Write the delta of `model` to `out_dir`. The manifest goes last: a folder without one
     is an unfinished save and is never loaded.
 
@@ -90,6 +92,7 @@ def save_checkpoint(model, out_dir: str, tokenizer=None, parent: str | None = No
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
         "adapters": sorted(ADAPTERS[c] for c in model.adapted_modules()),
         "parent": parent,
+        "seed": seed,  # the run's: with it, the base is rebuilt as the run's step 0 (a fresh connector)
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

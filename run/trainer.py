@@ -3,25 +3,80 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import IntervalStrategy, speed_metrics
 
 from patches import TrainerHooks
 from run.checkpoint import load_delta, save_checkpoint
+from run.predict import HeldOut, accuracy
 from run.run_folder import mark_complete, prune_checkpoints
 
 
+class LogLastStep(TrainerCallback):
+    """The last step logs its loss whatever `logging_steps` says: a run shorter than it (a
+    recipe's 10 steps, a 3-step try) would otherwise leave trainer_state.json without any loss,
+    and the web page, wandb and tensorboard without a curve."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != IntervalStrategy.NO:
+            control.should_log = True  # the Trainer logs once per step, even if this was due anyway
+        return control
+
+
+def answer_held_out(held_out: HeldOut, model) -> list[dict]:
+    """Every record's result, on every rank: each rank answers every world_size-th record, then
+    all gather (a collective: every rank calls it). Ranks from the process group itself, which
+    is what the gather runs on."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return held_out.predict(model)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    shares: list = [None] * world
+    torch.distributed.all_gather_object(shares, held_out.predict(model, rank, world))
+    return [result for share in shares for result in share]
+
+
 class VLMTrainer(TrainerHooks):
-    """Five changes: the optimizer gets a learning rate per component and only trainable
+    """Six changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
     would write frozen base, LoRA and quantization state together); a `checkpoint-N` counts
     only once all of it is written; resuming loads the delta back; a training sampler may be
-    handed in (the modality-grouped one lives in data/, which model/ does not import)."""
+    handed in (the modality-grouped one lives in data/, which model/ does not import);
+    evaluation is generation exact-match accuracy on a `HeldOut` sample (the `eval_dataset`),
+    as infer.py answers, not a loss. And the last step always logs its loss (`LogLastStep`)."""
 
     def __init__(self, *args, parent_checkpoint: str | None = None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.parent_checkpoint = parent_checkpoint
         self.train_sampler = train_sampler
+        self.add_callback(LogLastStep)
+
+    def evaluate(self, eval_dataset: HeldOut | None = None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`{prefix}_accuracy` (exact match of the greedy answer to each record's first question),
+        logged like the loss: to every `report_to` logger and into trainer_state.json. The
+        Trainer calls it on every rank every `eval_steps`; each rank answers its share of the
+        sample (a DDP or ZeRO-1/2 rank holds the whole model), so no rank idles in a collective
+        while another generates, and all return the same metrics. Sharded weights (ZeRO-3, FSDP)
+        are refused before training (config.check_evaluation): one rank cannot run them alone."""
+        held_out = eval_dataset if eval_dataset is not None else self.eval_dataset
+        start = time.time()
+        model = self.model  # the module itself, not the DDP / DeepSpeed wrapper
+        was_training = model.training
+        model.eval()  # no dropout, and no activation checkpointing in generate
+        try:
+            results = answer_held_out(held_out, model)
+        finally:
+            model.train(was_training)
+        metrics = {
+            f"{metric_key_prefix}_accuracy": accuracy(results),
+            f"{metric_key_prefix}_samples": len(results),
+            **speed_metrics(metric_key_prefix, start, num_samples=len(results)),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -60,6 +115,7 @@ class VLMTrainer(TrainerHooks):
                 tokenizer=self.processing_class,
                 parent=self.parent_checkpoint,
                 state_dict=state_dict,
+                seed=self.args.seed,
             )
             print(f"[rank {self.args.process_index}] saved delta checkpoint to {output_dir}")
 

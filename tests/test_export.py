@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 from helpers import tiny_model_args
+from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from config import ModelArguments
 from data.prompt import tokenize_prompt
 from model.build import load_processors
 from model.freeze import apply_freeze_policy
@@ -181,3 +183,44 @@ def test_export_refuses_to_overwrite_its_checkpoint(tiny_base, tmp_path):
     ckpt = perturbed_checkpoint(tiny_model_args(tiny_base), str(tmp_path / "ckpt"))
     with pytest.raises(SystemExit, match="new folder"):
         export_main(["--checkpoint", ckpt, "--out", ckpt])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_released_vlm_export_opens_in_transformers_and_answers_as_infer(family, tmp_path_factory, tmp_path):
+    """A released VLM's checkpoint (LoRA + trained connector) exports as the model's own folder:
+    transformers' Auto classes open it with its processor, and greedy generation gives the tokens
+    our loaded checkpoint gives."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from data.processor_prompt import encode_batch
+    from model.released import load_processor
+    from run.checkpoint import load_base
+    from tools.tiny_vlms import make_tiny_vlm
+
+    base = make_tiny_vlm(family, str(tmp_path_factory.getbasetemp() / "tiny_vlms" / family))
+    args = ModelArguments(vlm_model=base, lora_enable=True, lora_r=4, lora_dropout=0.0)
+    model = load_base(args)
+    apply_freeze_policy(model, args)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained delta and adapter, without training: every trained tensor moves
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    processor = load_processor(args)
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(model, ckpt, processor)
+    export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")])
+
+    exported = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
+    exported_processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    loaded, loaded_processor, _, _ = load_checkpoint(ckpt)
+    image = Image.new("RGB", (48, 48), (200, 30, 30))
+    prompt = [([{"role": "user", "content": "<image>\nWhat color is it?"}], [image])]
+    ours = encode_batch(loaded_processor, prompt, add_generation_prompt=True)
+    theirs = encode_batch(exported_processor, prompt, add_generation_prompt=True)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])  # the same processor and template
+    generate = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[exported_processor.tokenizer.eos_token_id])
+    with torch.no_grad():
+        expected = loaded.generate(**ours, **generate)
+        got = exported.generate(**theirs, **generate)[:, theirs["input_ids"].shape[1]:]
+    assert torch.equal(got, expected)
