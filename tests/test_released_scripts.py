@@ -43,3 +43,23 @@ def test_released_script_trains_two_steps(script, demo_data, tmp_path_factory):
     assert (table["vision"], table["connector"], table["llm"]) == modes, table
     assert os.path.isfile(os.path.join(out, "vlm_manifest.json"))
     assert "'loss'" in result.stdout  # it logged the two steps
+
+
+@pytest.mark.parametrize("shape, config, connector, llm_lora", [
+    # LLaVA-1.5-7B: the mlp2x_gelu projector's 21.0M and LoRA r=128's 319.8M (LLaVA's own figures).
+    ("llava-1.5-7b-hf", "llava_hf_lora", 20_979_712, 319_815_680),
+    ("qwen2.5-vl-7b-instruct", "qwen25vl_lora", 44_574_464, 161_480_704),
+])
+def test_a_7b_released_recipe_plans_its_freeze_table_from_configs_alone(shape, config, connector, llm_lora, tmp_path):
+    """--dry_run builds a released VLM on the meta device from its config.json (configs/shapes/):
+    no weights, no download, the recipe's table."""
+    result = subprocess.run(
+        ["python", "train.py", f"configs/{config}.yaml", "--vlm_model", f"configs/shapes/{shape}", "--dry_run", "true",
+         "--report_to", "none", "--output_dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()[:1] in
+            (["vision"], ["connector"], ["llm"])}
+    assert rows["vision"][0] == "frozen" and rows["connector"][:3] == ["full", f"{connector:,}", f"{connector:,}"]
+    assert rows["llm"][0] == "lora" and rows["llm"][2] == f"{llm_lora:,}"
