@@ -25,6 +25,7 @@ from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
 from run.predict import generate_answers
 from scripts.export_hf import main as export_main
 from tools.synthetic import make_image
+from tools.tiny_vlms import FAMILIES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What color are the shapes?"
@@ -185,7 +186,7 @@ def test_export_refuses_to_overwrite_its_checkpoint(tiny_base, tmp_path):
         export_main(["--checkpoint", ckpt, "--out", ckpt])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_released_vlm_export_opens_in_transformers_and_answers_as_infer(family, tmp_path_factory, tmp_path):
     """A released VLM's checkpoint (LoRA + trained connector) exports as the model's own folder:
     transformers' Auto classes open it with its processor, and greedy generation gives the tokens
