@@ -22,6 +22,7 @@ from functools import cached_property
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from cli import format_help, prog
 from model.connectors import CONNECTORS
@@ -29,6 +30,7 @@ from patches import settle_cpu_distributed_state
 from run.environment import cap_dataloader_workers, check_logging
 
 DEFAULT_VISION, DEFAULT_LLM = "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"  # LLaVA-1.5's
+DEFAULT_EVAL_STEPS = 0.1  # a tenth of the run: generation costs far more than a logged loss
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
@@ -211,10 +213,15 @@ class DataArguments:
     eval_data_path: str | None = field(
         default=None,
         metadata={"help": "Held-out records (LLaVA or messages format, as data_path / dataset_name): "
-                          "exact-match accuracy after training."},
+                          "exact-match accuracy after training, and every --eval_steps during it."},
     )
     eval_image_folder: str | None = field(default=None, metadata={"help": "Root of eval image paths; default image_folder."})
     eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub-id --eval_data_path."})
+    eval_max_samples: int = field(
+        default=200,
+        metadata={"help": "Evaluation during training (--eval_steps) answers at most this many held-out records, "
+                  "one seeded sample for the whole run; 0: all. The accuracy after training reads them all."},
+    )
     max_length: int = field(default=2048, metadata={"help": "Tokens, image tokens included."})
     chat_template: str | None = field(
         default=None,
@@ -265,6 +272,19 @@ class TrainArguments(TrainingArguments):
         default=False,
         metadata={"help": "Batches of one modality (image or text-only) and similar length (LLaVA's)."},
     )
+    # transformers' 500 leaves a shorter run without a single logged loss: a fraction of the run's
+    # steps logs in every run. A config's own count is kept; the last step logs anyway (LogLastStep).
+    logging_steps: float = field(
+        default=0.01,
+        metadata={"help": "Steps between loss logs, and the last step always logs; a float < 1 is a fraction of "
+                  "the run (0.01: about 100 points, every step of a run under 100)."},
+    )
+    eval_steps: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate every N steps (a float < 1: that fraction of the run), turning on --eval_strategy "
+                  "steps: exact-match accuracy of generated answers on eval_max_samples records of --eval_data_path, "
+                  f"logged as eval_accuracy. --eval_strategy steps alone evaluates every {DEFAULT_EVAL_STEPS:g} of the run."},
+    )
     # The collator's batch keys are the model's inputs; the Trainer must not drop pixel_values.
     remove_unused_columns: bool = field(default=False)
     # Every trainable parameter gets a gradient on every rank (frozen ones are not registered,
@@ -277,6 +297,12 @@ class TrainArguments(TrainingArguments):
         # DeepSpeed: `use_cpu` would bypass it (see _setup_devices).
         if not torch.cuda.is_available() and not torch.backends.mps.is_available() and not self.deepspeed:
             self.use_cpu = True
+        # --eval_steps alone asks for evaluation. --eval_strategy steps alone would evaluate every
+        # logging_steps (transformers' fallback): a hundred generation passes at our default.
+        if self.eval_steps and self.eval_strategy == IntervalStrategy.NO:
+            self.eval_strategy = IntervalStrategy.STEPS
+        elif self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
+            self.eval_steps = DEFAULT_EVAL_STEPS
         super().__post_init__()
         if self.group_by_modality_length and self.train_sampling_strategy != "random":
             raise ConfigError(
@@ -375,7 +401,42 @@ def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_
     if rest:
         raise ConfigError(f"Unexpected command-line words {rest}: settings are --key value.")
     check_logging(train_args)
+    check_evaluation(data_args, train_args)
     return model_args, data_args, train_args
+
+
+def _sharded_engine(train_args) -> str | None:
+    """The engine's name when the settings shard the weights across ranks, else None."""
+    if train_args.fsdp:
+        return "FSDP"
+    if train_args.deepspeed and train_args.hf_deepspeed_config.is_zero3():
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_evaluation(data_args, train_args) -> None:
+    """Evaluation during training (--eval_strategy / --eval_steps), refused before any model
+    loads where it cannot run, rather than skipped at every evaluation of a long run."""
+    if train_args.eval_strategy == IntervalStrategy.NO:
+        return
+    asked = f"--eval_strategy {train_args.eval_strategy.value}"
+    if train_args.eval_strategy == IntervalStrategy.STEPS:
+        asked += f" --eval_steps {train_args.eval_steps:g}"
+    if not data_args.eval_data_path:
+        raise ConfigError(
+            f"{asked} evaluates on held-out records, but --eval_data_path is empty. Set it (a LLaVA "
+            "or messages-format file or dataset), or drop --eval_strategy and --eval_steps."
+        )
+    engine = _sharded_engine(train_args)
+    if engine:
+        # Each rank answers its own share of records, so each must run the whole model alone;
+        # sharded, every forward pass is a collective of all ranks in step. (train.py skips its
+        # evaluation after training there too, with a note: that one the user did not ask for.)
+        raise ConfigError(
+            f"{asked} generates answers on each rank alone, but {engine} shards the weights across ranks. "
+            "Drop --eval_strategy and --eval_steps (train with DDP or ZeRO-1/2 to evaluate during training), "
+            f"and score checkpoints afterwards: python infer.py --checkpoint CKPT --data {data_args.eval_data_path}"
+        )
 
 
 def _read_yaml(path: str) -> dict:

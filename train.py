@@ -24,7 +24,7 @@ from model.build import load_processors
 from model.freeze import apply_freeze_policy, format_table
 from model.released import load_processor
 from run.checkpoint import MANIFEST, load_base, load_delta
-from run.predict import accuracy, predict_records
+from run.predict import HeldOut, accuracy
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
@@ -68,6 +68,14 @@ def training_data(model, model_args, data_args, train_args):
         data_args.max_length, skip=skip, num_frames=data_args.num_frames,
     )
     return dataset, Collator(tokenizer.pad_token_id, image_processor), (tokenizer, image_processor)
+
+
+def held_out_records(data_args, processors) -> HeldOut | None:
+    """--eval_data_path's records with the prompt builder training used; None without it."""
+    if not data_args.eval_data_path:
+        return None
+    return HeldOut(read_records(data_args.eval_data_path), data_args.eval_image_folder, *processors,
+                   num_frames=data_args.num_frames)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -127,13 +135,17 @@ def main(argv=None):
 
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
-    train_dataset, collator, (tokenizer, image_processor) = training_data(model, model_args, data_args, train_args)
+    train_dataset, collator, processors = training_data(model, model_args, data_args, train_args)
+    held_out = held_out_records(data_args, processors)
+    evaluates = train_args.eval_strategy != "no"  # config.check_evaluation: then held_out is set
     trainer = VLMTrainer(
         model=model,
         args=train_args,
         train_dataset=train_dataset,
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=processors[0],
+        # Evaluation during training (VLMTrainer.evaluate): one seeded sample for the whole run.
+        eval_dataset=held_out.sample(data_args.eval_max_samples, train_args.seed) if evaluates else None,
         parent_checkpoint=train_args.init_from,
         train_sampler=modality_length_sampler(train_dataset, train_args),
     )
@@ -151,16 +163,13 @@ def main(argv=None):
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.state.destroy_process_group()
 
-    if data_args.eval_data_path and is_sharded(model):
+    if held_out and is_sharded(model):
         report(train_args, "eval_skipped.txt", "Held-out evaluation skipped: the weights are ZeRO-3/FSDP shards. "
                f"Run: python infer.py --checkpoint {train_args.output_dir} --data {data_args.eval_data_path} "
                f"--image_folder {data_args.eval_image_folder}")
-    elif data_args.eval_data_path and train_args.should_save:
+    elif held_out and train_args.should_save:
         model.eval()
-        results = predict_records(
-            model, tokenizer, image_processor, read_records(data_args.eval_data_path), data_args.eval_image_folder,
-            num_frames=data_args.num_frames,
-        )
+        results = held_out.predict(model)  # every record, not the sample evaluated during training
         with open(os.path.join(train_args.output_dir, "eval_predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
         print(f"held-out accuracy: {accuracy(results):.4f} ({len(results)} records)")

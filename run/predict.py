@@ -1,8 +1,12 @@
 """Answer questions about images with a loaded model: used by infer.py and by train.py's
-held-out accuracy, so both generate the same way. (Named `predict`, not `evaluate`, so it never
-shadows Hugging Face's `evaluate` package.)"""
+held-out accuracy (during training and after it), so all of them generate the same way. (Named
+`predict`, not `evaluate`, so it never shadows Hugging Face's `evaluate` package.)"""
 
 from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
 
 import torch
 
@@ -98,3 +102,34 @@ def predict_records(
 
 def accuracy(results: list[dict]) -> float:
     return sum(exact_match(r["prediction"], r["answer"]) for r in results) / max(len(results), 1)
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """Held-out records and what asks them: every argument of `predict_records` but the model.
+    `tokenizer` and `image_processor` as `prompt_batch` takes them (a released VLM: its processor
+    and None). The Trainer holds one as its `eval_dataset` (run/trainer.py)."""
+
+    records: list[dict]
+    image_folder: str | None
+    tokenizer: Any
+    image_processor: Any
+    num_frames: int = 8
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, size: int, seed: int) -> HeldOut:
+        """At most `size` records (0: all), drawn by `seed` and kept in file order: the same ones on
+        every rank and at every evaluation of a run, so the points of its accuracy curve compare."""
+        if size <= 0 or len(self.records) <= size:
+            return self
+        picked = sorted(random.Random(seed).sample(range(len(self.records)), size))
+        return dataclasses.replace(self, records=[self.records[i] for i in picked])
+
+    def predict(self, model, shard: int = 0, shards: int = 1) -> list[dict]:
+        """`predict_records` on every `shards`-th record from `shard` on (one rank's share)."""
+        return predict_records(
+            model, self.tokenizer, self.image_processor, self.records[shard::shards], self.image_folder,
+            num_frames=self.num_frames,
+        )

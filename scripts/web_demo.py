@@ -13,7 +13,8 @@ by the same `question_messages`, and a picked --data record's question, left unc
 exactly as `infer.py --data` asks it (`first_question`, a system turn kept). **base** is the
 manifest's base built by the same `build_model` with no delta, its connector seeded as train.py
 seeded it, so it answers as the run did at step 0. A side panel shows the checkpoint: base and
-fingerprint, connector, freeze table, LoRA settings, steps and the loss curve.
+fingerprint, connector, freeze table, LoRA settings, steps, the loss curve and the held-out
+accuracy logged during training (--eval_steps).
 
 Listens on 127.0.0.1 (`--host 0.0.0.0` to open it to the network), never shares a public link,
 never runs remote code. A checkpoint the loader refuses still opens the page, showing why.
@@ -106,16 +107,62 @@ def load_models(args: WebDemoArguments) -> dict:
             "manifest": manifest, "freeze_table": freeze_table}
 
 
-def loss_history(ckpt_dir: str) -> tuple[pd.DataFrame | None, dict]:
-    """(step, loss, series) rows of trainer_state.json's log_history, and the state itself."""
+def read_state(ckpt_dir: str) -> dict:
+    """The checkpoint's trainer_state.json ({} when it has none)."""
     path = os.path.join(ckpt_dir, "trainer_state.json")
     if not os.path.isfile(path):
-        return None, {}
+        return {}
     with open(path) as f:
-        state = json.load(f)
-    rows = [(e["step"], e[key], series) for e in state.get("log_history", [])
-            for key, series in (("loss", "train"), ("eval_loss", "eval")) if key in e]
-    return (pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None), state
+        return json.load(f)
+
+
+def _history(state: dict, series: dict[str, str], column: str) -> pd.DataFrame | None:
+    """(step, column, series) rows of the log_history entries holding one of `series`' keys."""
+    rows = [(e["step"], e[key], name) for e in state.get("log_history", [])
+            for key, name in series.items() if key in e]
+    return pd.DataFrame(rows, columns=["step", column, "series"]) if rows else None
+
+
+def loss_history(state: dict) -> pd.DataFrame | None:
+    return _history(state, {"loss": "train", "eval_loss": "eval"}, "loss")
+
+
+def accuracy_history(state: dict) -> pd.DataFrame | None:
+    """The held-out exact-match accuracy train.py logged every --eval_steps (VLMTrainer.evaluate)."""
+    return _history(state, {"eval_accuracy": "held-out"}, "accuracy")
+
+
+def no_loss_note(state: dict) -> str:
+    """Why a checkpoint has no loss curve: the file missing, or in it but holding no loss."""
+    if not state:
+        return "No loss curve: there is no trainer_state.json in this checkpoint (a run before train.py saved it)."
+    steps, every = state.get("global_step", 0), state.get("logging_steps")
+    why = (f"the run's {steps} steps were fewer than logging_steps={every}" if every and steps < every
+           else f"logging_steps={every}, {steps} steps: was --logging_strategy no?")
+    return f"No loss curve: trainer_state.json holds no logged loss ({why})."
+
+
+def _curve(frame: pd.DataFrame, y: str, title: str, elem_id: str, **options) -> None:
+    """A line, or a dot while there is one point (a line of one point draws nothing)."""
+    plot = gr.LinePlot if len(frame) > 1 else gr.ScatterPlot
+    two_series = frame["series"].nunique() > 1  # a legend only for train + eval
+    plot(frame, x="step", y=y, color="series" if two_series else None, title=title, height=260,
+         elem_id=elem_id, **options)
+
+
+def training_curves(state: dict) -> None:
+    """The side panel's curves, inside build_page's Blocks: the loss, the held-out accuracy below
+    it when the run evaluated during training, and a sentence for a missing loss curve."""
+    losses, accuracies = loss_history(state), accuracy_history(state)
+    if losses is not None:
+        _curve(losses, "loss", "loss", "loss-plot")
+    else:
+        gr.Markdown(no_loss_note(state), elem_id="loss-note")
+    if accuracies is not None:
+        last = next(e for e in reversed(state["log_history"]) if "eval_accuracy" in e)
+        records = f" ({last['eval_samples']} records)" if "eval_samples" in last else ""
+        title = f"held-out accuracy: {last['eval_accuracy']:.3f} at step {last['step']}{records}"
+        _curve(accuracies, "accuracy", title, "accuracy-plot", y_lim=[0, 1], y_title="exact match")
 
 
 def describe(models: dict, state: dict) -> str:
@@ -262,15 +309,9 @@ def build_page(models: dict, args: WebDemoArguments, records: list[dict] | None 
                 if failed:
                     gr.Markdown("Not loaded: see the error above.")
                 else:
-                    history, state = loss_history(args.checkpoint)
+                    state = read_state(args.checkpoint)
                     gr.Markdown(describe(models, state), elem_id="checkpoint-info")
-                    if history is not None:
-                        two_series = history["series"].nunique() > 1  # a legend only for train + eval
-                        gr.LinePlot(history, x="step", y="loss", color="series" if two_series else None,
-                                    title="loss", height=260, elem_id="loss-plot")
-                    else:
-                        gr.Markdown("No loss history: trainer_state.json is absent (a run before "
-                                    "train.py saved it).")
+                    training_curves(state)
         if not failed:
             picked = gr.State(None)  # the picked record's question and first_question messages
             inputs = [gallery, question, max_new_tokens, mode, temperature, picked]

@@ -66,6 +66,9 @@ def test_train_writes_the_checkpoint_and_reports_accuracy(trained, tiny_base, de
     for name in ("config.yaml", "freeze_table.txt", "vlm_manifest.json", "delta.safetensors", "eval_predictions.jsonl"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert "held-out accuracy" in result.stdout
+    # demo.yaml logs every 25 steps: a 3-step run still leaves its last step's loss (LogLastStep).
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        assert [e["step"] for e in json.load(f)["log_history"] if "loss" in e] == [3]
 
     # The resolved config holds the command line's overrides on top of demo.yaml.
     with open(os.path.join(out, "config.yaml")) as f:

@@ -61,12 +61,13 @@ def workdir(tiny_base, demo_data, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(workdir) -> str:
-    """configs/demo.yaml for 120 steps of 8 (~5 s of training): real words, not accuracy."""
+    """configs/demo.yaml for 120 steps of 8 (~5 s of training): real words, not accuracy. It
+    evaluates 8 held-out records every 40 steps, for the page's accuracy curve."""
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "train.py"), os.path.join(REPO_ROOT, "configs", "demo.yaml"),
          "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
-         "--eval_data_path", "", "--max_steps", "120", "--per_device_train_batch_size", "8",
-         "--warmup_steps", "10", "--logging_steps", "10"],
+         "--max_steps", "120", "--per_device_train_batch_size", "8",
+         "--warmup_steps", "10", "--logging_steps", "10", "--eval_steps", "40", "--eval_max_samples", "8"],
         cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT_S, env=script_env(workdir),
     )
     assert result.returncode == 0, f"train.py exited {result.returncode}:\n{result.stderr[-5000:]}"
@@ -203,6 +204,9 @@ def test_page_describes_the_checkpoint(page):
     # The loss curve is a drawn plot (Vega renders a canvas or an svg), not a table.
     page.locator("#loss-plot canvas, #loss-plot svg.marks").first.wait_for()
     assert page.locator("#loss-plot table").count() == 0
+    # Below it, the held-out accuracy train.py logged every 40 steps.
+    page.locator("#accuracy-plot canvas, #accuracy-plot svg.marks").first.wait_for()
+    assert re.search(r"held-out accuracy: [01]\.\d{3} at step 120 \(8 records\)", page.locator("#accuracy-plot").inner_text())
 
 
 def test_finetuned_answer_is_infer_py_answer_and_base_answers_beside_it(page, checkpoint, workdir):
