@@ -31,7 +31,6 @@ from functools import partial
 
 import gradio as gr
 import pandas as pd
-import yaml
 from PIL import Image
 from transformers import HfArgumentParser, set_seed
 
@@ -44,7 +43,6 @@ from data.records import DataError
 from model.freeze import apply_freeze_policy, format_table
 from run.checkpoint import CheckpointError, check_base, load_base, load_checkpoint
 from run.predict import MAX_NEW_TOKENS, first_question, generate_answers
-from run.run_folder import checkpoint_step
 
 MAX_PIXELS = 4096 * 4096  # a page anyone can post to gets a tighter cap than PIL's bomb limit
 MAX_UPLOAD = "20mb"
@@ -68,22 +66,12 @@ class PageError(ValueError):
     """Bad input, said in a sentence the page shows instead of a traceback."""
 
 
-def _beside_checkpoint(ckpt_dir: str, name: str) -> str | None:
-    """A run file (config.yaml) lives in the output folder: the checkpoint itself, or the parent
-    of a `checkpoint-N` folder."""
-    folders = [ckpt_dir] + ([os.path.dirname(os.path.normpath(ckpt_dir))] if checkpoint_step(ckpt_dir) else [])
-    return next((os.path.join(d, name) for d in folders if os.path.isfile(os.path.join(d, name))), None)
-
-
-def build_base(finetuned, manifest: dict, ckpt_dir: str):
+def build_base(finetuned, manifest: dict):
     """The base alone, built from the loader's own resolved ModelArguments (nothing here reads
-    the manifest's settings a second way). train.py seeds, then builds: the same seed gives the
-    connector its step 0 had (an --init_from stage started from its parent's delta instead)."""
-    seed, config = 0, _beside_checkpoint(ckpt_dir, "config.yaml")
-    if config:
-        with open(config) as f:
-            seed = ((yaml.safe_load(f) or {}).get("train") or {}).get("seed", 0)
-    set_seed(seed)
+    the manifest's settings a second way). train.py seeds, then builds: the run's seed, which the
+    manifest records, gives a composed base's connector its step 0 (an --init_from stage started
+    from its parent's delta instead)."""
+    set_seed(manifest.get("seed") or 0)
     base = load_base(finetuned.build_args)
     check_base(base, manifest)
     apply_freeze_policy(base, base.build_args)  # as the loader does: same dtypes as the fine-tuned
@@ -99,7 +87,7 @@ def load_models(args: WebDemoArguments) -> dict:
         # The recipe's table, by the function train.py printed it with (the loader applied it too).
         freeze_table = format_table(apply_freeze_policy(model, model.build_args))
         model.requires_grad_(False)
-        base = build_base(model, manifest, args.checkpoint) if args.compare_base else None
+        base = build_base(model, manifest) if args.compare_base else None
     except (CheckpointError, ConfigError, OSError, ValueError) as error:
         print(f"cannot load {args.checkpoint}: {error}", file=sys.stderr)
         return {"error": f"Cannot load checkpoint `{args.checkpoint}`: {error}"}
@@ -173,10 +161,17 @@ def describe(models: dict, state: dict) -> str:
             f"{', frozen' if args.freeze_lora else ''}, modules {args.lora_modules or 'every linear'}"
             if args.lora_enable else "off")
     steps = f"{state['global_step']} of {state['max_steps']}" if state else "unknown (no trainer_state.json)"
+    if "vlm" in base:  # a released VLM
+        parts = [f"- **released VLM** `{base['vlm']}` @ {base['vlm_revision'] or 'default'}, fingerprints "
+                 + ", ".join(f"{component} `{value}`" for component, value in fp.items()), f"- **LoRA** {lora}"]
+    else:
+        parts = [
+            f"- **vision tower** `{base['vision']}` @ {base['vision_revision'] or 'default'}, fingerprint `{fp['vision']}`",
+            f"- **LLM** `{base['llm']}` @ {base['llm_revision'] or 'default'}, fingerprint `{fp['llm']}`",
+            f"- **connector** `{args.connector}`; **LoRA** {lora}",
+        ]
     return "\n".join([
-        f"- **vision tower** `{base['vision']}` @ {base['vision_revision'] or 'default'}, fingerprint `{fp['vision']}`",
-        f"- **LLM** `{base['llm']}` @ {base['llm_revision'] or 'default'}, fingerprint `{fp['llm']}`",
-        f"- **connector** `{args.connector}`; **LoRA** {lora}",
+        *parts,
         f"- **weights** {args.dtype}" + (f", QLoRA {args.bits}-bit {args.quant_type}" if args.bits < 16 else ""),
         f"- **training steps** {steps}" + (f"; started from `{manifest['parent']}`" if manifest.get("parent") else ""),
         "", "**What trained** (the freeze table)", "```text", models["freeze_table"], "```",

@@ -373,7 +373,7 @@ def test_a_launch_script_defaults_nproc_to_the_gpus_and_stops_cleanly_on_a_user_
         ["bash", os.path.join(REPO_ROOT, "scripts", "llava15_lora.sh"), "--learnig_rate", "1"],
         capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
     )
-    assert f"llava15_lora.sh: {max(torch.cuda.device_count(), 1)} process(es)" in result.stdout
+    assert f"llava15_lora.yaml: {max(torch.cuda.device_count(), 1)} process(es)" in result.stdout
     assert result.returncode == 2, result.stderr[-3000:]
     # Under torchrun too: the rank's message, and no launcher traceback after it.
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
@@ -385,7 +385,7 @@ def test_no_launch_script_hard_codes_the_process_count():
         if name.endswith(".sh") and name != "test.sh":
             with open(os.path.join(REPO_ROOT, "scripts", name)) as f:
                 text = f.read()
-            delegate = re.search(r"^exec bash .*/(\w+\.sh)\b", text, re.M)  # a recipe over a shared launcher
+            delegate = re.search(r'\bbash ".*?/(\w+\.sh)"', text)  # a recipe over a shared launcher
             if delegate:
                 with open(os.path.join(REPO_ROOT, "scripts", delegate[1])) as f:
                     text = f.read()

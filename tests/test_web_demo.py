@@ -334,3 +334,31 @@ def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, wor
     for mode in ("greedy", "sample"):
         finetuned, base, status = web_demo.answer(models, gallery, question, 8, mode, 0.7)
         assert finetuned and base and "Error" not in status, (mode, finetuned, base, status)
+
+
+def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
+    """A released VLM's checkpoint: the page's loader opens it and its base, describes it, and the
+    fine-tuned answer is infer.py's (the same generate_answers on the same loaded model)."""
+    from config import ModelArguments
+    from model.freeze import apply_freeze_policy
+    from model.released import load_processor
+    from run.checkpoint import load_base, save_checkpoint
+    from run.predict import generate_answers
+    from tools.tiny_vlms import make_tiny_vlm
+
+    base = make_tiny_vlm("qwen2_5_vl", str(tmp_path / "base"))
+    args = ModelArguments(vlm_model=base, lora_enable=True, lora_r=4)
+    model = load_base(args)
+    apply_freeze_policy(model, args)
+    save_checkpoint(model, str(tmp_path / "ckpt"), load_processor(args), seed=0)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (48, 48), (220, 20, 20)).save(image)
+
+    models = web_demo.load_models(web_demo.WebDemoArguments(checkpoint=str(tmp_path / "ckpt")))
+    assert "error" not in models, models.get("error")
+    panel = web_demo.describe(models, {})
+    assert f"**released VLM** `{base}`" in panel and "llm" in models["freeze_table"]
+    finetuned, base_answer, _ = web_demo.answer(models, [(str(image), None)], "What color?", 8, "greedy", 1.0)
+    messages = [{"role": "user", "content": "<image>\nWhat color?"}]
+    expected = generate_answers(models["finetuned"], models["tokenizer"], None, [(messages, [Image.open(image).convert("RGB")])], 8)
+    assert finetuned == expected[0] and isinstance(base_answer, str)
