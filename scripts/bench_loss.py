@@ -7,20 +7,20 @@ default options and a sweep of `batch_chunk_size`), TRL's chunked LM-head loss (
     python -m scripts.bench_loss                           # 1,024 rows, hidden 896, vocab 4,096 and 151,936
     python -m scripts.bench_loss --vocabs 151936 --torch_chunks 64 256
     python -m scripts.bench_loss --plan                    # the GPU plan only: computed, nothing run
+    python -m scripts.bench_loss --bf16                    # bf16 losses and gradients against float64
 
 Same batch for every method: seeded hidden states [N, D] (requiring grad), an nn.Linear head
 [V, D] without bias (requiring grad), labels with about --ignore_frac of them -100, fp32.
-Every method runs in a fresh process of its own (`--worker`), so its peak RSS is its own: after
-its imports, one step of it on a tiny batch (what it imports lazily, the code it pages in) and
-the inputs, the RSS is read (`base`); then
---warmup untimed and --repeats timed forward + backward steps (the table shows the median wall
-time, `time_s`, the fastest, `min_s`, and the median process CPU time, `cpu_s`: other processes
-on a shared machine inflate the last two less);
-then the process's peak RSS (`peak_rss`, absolute: VmHWM, the high-water mark `ru_maxrss` reads,
-less the parent's peak that a child's `ru_maxrss` inherits across fork + exec) and peak - base
-(`delta_rss`). One more step runs under the profiler: the peak of tensor bytes it allocates
-(`tensor_peak`, allocations only, not RSS: glibc keeps freed blocks resident and the first step
-pages in libtorch code).
+Every method runs in a fresh process of its own (`--worker`; `--rounds` more of them, interleaved
+with the other methods'), so its peak RSS is its own. In it: the imports, one step on a tiny batch
+(what the method imports lazily, the code it pages in), the inputs, then the RSS (`base`); then
+--warmup untimed and --repeats timed forward + backward steps. The table shows the median wall
+time (`time_s`), the fastest (`min_s`) and the median process CPU time (`cpu_s`; other processes
+on a shared machine inflate it much less than wall time); the process's peak RSS (`peak_rss`:
+VmHWM, the high-water mark `ru_maxrss` reads, without the parent's peak that a child's
+`ru_maxrss` inherits across fork + exec) and peak - base (`delta_rss`). One more step runs under
+the profiler: the peak of tensor bytes it allocates (`tensor_peak`; allocations only, not RSS:
+glibc keeps freed blocks resident and the first step pages in libtorch code).
 
 Correctness: "ours" runs first at each vocabulary and stores its loss and gradients; every other
 method compares its own to them: `loss_diff` = |loss - ours|, `grad_diff` = the largest
@@ -30,6 +30,9 @@ of that gradient; `match` says whether both are within --rtol.
 --plan: what each method holds at the GPU shape (5,272 labelled rows, hidden 896 and 1,536,
 vocab 151,936, bf16), computed from the code's constants (model/loss.py's CHUNK_ELEMENTS, torch's
 `LinearCrossEntropyOptions` chunking, TRL's tile sizes), nothing measured.
+
+--bf16: what the fp32 table cannot show, each method's loss and gradients in bf16 (bf16 weights,
+and fp32 weights under bf16 autocast) against float64, in this process, at a small size.
 """
 
 from __future__ import annotations
@@ -66,20 +69,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker.")
     p.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
     p.add_argument("--repeats", type=int, default=3, help="Timed steps (median shown).")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Processes per method, interleaved (every method, then again): on a shared machine, "
+                        "drift in the other load falls on every method alike.")
     p.add_argument("--max_timed_s", type=float, default=60.0,
                    help="Fewer timed steps (at least 1) where --repeats of the warm-up's length would pass this.")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--torch_chunks", type=int, nargs="*", default=None,
-                   help="batch_chunk_size values swept for torch (default: ours' chunk rows and 32..512, "
+                   help="batch_chunk_size values swept for torch (default: ours' chunk rows and 64..512, "
                         "powers of 2, up to --rows, less the default options' own).")
     p.add_argument("--trl_vocab_chunk", type=int, default=0,
-                   help="TRL's tile width (default: its _CHUNKED_LOGPROB_CHUNK_SIZE, cut to the vocabulary).")
+                   help="TRL's tile width (default: its own, patches.trl_chunk_size, cut to the vocabulary).")
     p.add_argument("--no_tensor_peak", action="store_true", help="Skip the profiled step.")
     p.add_argument("--rtol", type=float, default=1e-4, help="Tolerance of loss_diff (relative) and grad_diff.")
     p.add_argument("--plan", action="store_true", help="Print the GPU plan only (computed, nothing run).")
     p.add_argument("--plan_rows", type=int, default=5272, help="Labelled rows of the GPU plan.")
     p.add_argument("--plan_hiddens", type=int, nargs="+", default=[896, 1536], help="Hidden sizes of the GPU plan.")
     p.add_argument("--plan_vocab", type=int, default=151936)
+    p.add_argument("--bf16", action="store_true", help="Print the bf16 accuracy check only (in this process).")
+    p.add_argument("--bf16_rows", type=int, default=2048)
+    p.add_argument("--bf16_hidden", type=int, default=64)
+    p.add_argument("--bf16_vocab", type=int, default=8192)
+    p.add_argument("--bf16_chunk", type=int, default=64)
     # Internal: one method in this process.
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -151,7 +162,8 @@ def loss_function(method: str, hidden, head, labels, chunk: int, trl_vocab_chunk
         )
     if method in ("trl_sft", "trl_nll"):
         from trl.kernels import ChunkedLogProbFunction
-        from trl.kernels.chunked_logprob import _use_triton
+
+        from patches import trl_uses_triton
 
         outputs = SFT_OUTPUTS if method == "trl_sft" else ("log_probs",)
 
@@ -159,7 +171,7 @@ def loss_function(method: str, hidden, head, labels, chunk: int, trl_vocab_chunk
             # add_fused_lm_head's fused forward (trl/trainer/utils.py), past the backbone: only the
             # labelled rows where Triton runs (CUDA, XPU), every row with clamped labels elsewhere.
             mask = labels != IGNORE_INDEX
-            compact = _use_triton(hidden.device)
+            compact = trl_uses_triton(hidden.device)
             per_token = ChunkedLogProbFunction.apply(
                 hidden[mask] if compact else hidden,
                 head.weight,
@@ -193,9 +205,9 @@ def resolved_chunk(method: str, args, rows: int, hidden_size: int, vocab: int) -
 
         return min(rows, max(1, model.loss.CHUNK_ELEMENTS // vocab))
     if method == "torch_default":
-        from torch.nn import LinearCrossEntropyOptions
+        from patches import torch_default_chunk_rows
 
-        return LinearCrossEntropyOptions()._adjust(rows, hidden_size, vocab, torch.float32, torch.device("cpu")).batch_chunk_size
+        return torch_default_chunk_rows(rows, hidden_size, vocab, torch.float32, torch.device("cpu"))
     if method == "torch_chunk":
         return min(args.chunk, rows)
     if method in ("trl_sft", "trl_nll"):
@@ -261,6 +273,7 @@ def worker(args) -> None:
         "chunk": resolved_chunk(args.worker, args, args.rows, args.hidden, args.vocab),
         "time_s": statistics.median(times),
         "times": times,
+        "cpu_times": cpu_times,
         "cpu_s": statistics.median(cpu_times),
         "min_s": min(times),
         "warmup_s": warmup_s,
@@ -292,28 +305,28 @@ def worker(args) -> None:
 
 
 def torch_candidates(args, ours_rows: int, default_rows: int) -> list[int]:
-    """batch_chunk_size values swept: ours' chunk rows (the same logits memory as ours) and 32..512
+    """batch_chunk_size values swept: ours' chunk rows (the same logits memory as ours) and 64..512
     in powers of 2, up to --rows, less what the default options resolve to (measured already)."""
-    sizes = args.torch_chunks if args.torch_chunks is not None else [ours_rows] + [2**k for k in range(5, 10)]
+    sizes = args.torch_chunks if args.torch_chunks is not None else [ours_rows] + [2**k for k in range(6, 10)]
     return sorted({min(size, args.rows) for size in sizes} - {default_rows})
 
 
 def trl_vocab_chunk(vocab: int) -> int:
     """TRL's tile width (trl/trainer/utils.py), cut to the vocabulary as scripts/bench.py cuts it
     for its TRL peer: wider, the tile's extra columns are allocated and never written."""
-    import trl.trainer.utils
+    from patches import trl_chunk_size
 
-    return min(trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, vocab)
+    return min(trl_chunk_size(), vocab)
 
 
-def run_worker(args, method: str, vocab: int, ref: str, chunk: int = 0) -> dict:
+def run_worker(args, method: str, vocab: int, ref: str, chunk: int = 0, profile: bool = True) -> dict:
     command = [
         sys.executable, "-m", "scripts.bench_loss", "--worker", method, "--vocab", str(vocab), "--ref", ref,
         "--rows", str(args.rows), "--hidden", str(args.hidden), "--ignore_frac", str(args.ignore_frac),
         "--seed", str(args.seed), "--threads", str(args.threads), "--warmup", str(args.warmup),
         "--repeats", str(args.repeats), "--max_timed_s", str(args.max_timed_s), "--rtol", str(args.rtol),
         "--chunk", str(chunk), "--trl_vocab_chunk", str(args.trl_vocab_chunk),
-    ] + (["--no_tensor_peak"] if args.no_tensor_peak else [])
+    ] + (["--no_tensor_peak"] if args.no_tensor_peak or not profile else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -341,11 +354,30 @@ def format_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def merge(runs: list[dict]) -> dict:
+    """One row from the same method's processes in every round: the median and the fastest of all
+    their timed steps, the largest peaks, the first round's tensor peak (the only one profiled)."""
+    row = dict(runs[0])
+    times = [t for r in runs for t in r["times"]]
+    row.update(
+        time_s=statistics.median(times),
+        min_s=min(times),
+        cpu_s=statistics.median([t for r in runs for t in r["cpu_times"]]),
+        peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+        delta_rss_mib=max(r["delta_rss_mib"] for r in runs),
+        loss_diff=max(r["loss_diff"] for r in runs),
+        grad_diff=max(r["grad_diff"] for r in runs),
+        match=all(r["match"] for r in runs),
+        processes=len(runs),
+    )
+    return row
+
+
 def measure(args) -> None:
     print(
-        f"# rows {args.rows}, hidden {args.hidden}, fp32, {args.threads} threads, {args.warmup} warm-up + "
-        f"{args.repeats} timed steps (forward + backward), labels -100 at {args.ignore_frac:.0%}; rtol {args.rtol:g}; "
-        f"load average at the start {os.getloadavg()[0]:.2f}",
+        f"# rows {args.rows}, hidden {args.hidden}, fp32, {args.threads} threads, {args.rounds} round(s) of one "
+        f"process per method, each {args.warmup} warm-up + {args.repeats} timed steps (forward + backward); "
+        f"labels -100 at {args.ignore_frac:.0%}; rtol {args.rtol:g}; load average at the start {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     print("| " + " | ".join(COLUMNS) + " |")
@@ -355,20 +387,24 @@ def measure(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for vocab in args.vocabs:
             ref = os.path.join(folder, f"ours_{vocab}.pt")
-            results = []
+            runs: dict[tuple[str, int], list[dict]] = {}
             # ours first (the reference), then torch's defaults (their chunk is left out of the sweep).
             order = ["ours"] + [m for m in ("torch_default",) if m in args.methods]
             order += [m for m in args.methods if m not in order]
-            for method in order:
-                if method == "torch_chunk":
-                    default_rows = next((r["chunk"] for r in results if r["method"] == "torch_default"), 0)
-                    chunks = torch_candidates(args, results[0]["chunk"], default_rows)
-                else:
-                    chunks = [0]
-                for chunk in chunks:
-                    result = run_worker(args, method, vocab, ref, chunk=chunk)
-                    results.append(result)
-                    print(format_row(result), flush=True)
+            for round_ in range(args.rounds):
+                for method in order:
+                    if method == "torch_chunk":
+                        default_rows = runs[("torch_default", 0)][0]["chunk"] if ("torch_default", 0) in runs else 0
+                        chunks = torch_candidates(args, runs[("ours", 0)][0]["chunk"], default_rows)
+                    else:
+                        chunks = [0]
+                    for chunk in chunks:
+                        result = run_worker(args, method, vocab, ref, chunk=chunk, profile=round_ == 0)
+                        runs.setdefault((method, chunk), []).append(result)
+                        print(f"# round {round_ + 1}: {format_row(result)}", file=sys.stderr, flush=True)
+            results = [merge(group) for group in runs.values()]
+            for result in results:
+                print(format_row(result), flush=True)
             summaries.append(summary(vocab, results))
     print()
     for line in summaries:
@@ -382,23 +418,23 @@ def _ratio(a: float, b: float) -> str:
 
 
 def summary(vocab: int, results: list[dict]) -> str:
-    """One line per vocabulary: ours against torch's default and tuned chunking, TRL, unfused."""
+    """One line per vocabulary: each method's CPU time and delta_rss over ours' (CPU time: on a
+    shared machine wall time follows the other load); torch tuned = its cheapest chunk in CPU time."""
     by = {r["method"]: r for r in results if r["method"] != "torch_chunk"}
     sweep = [r for r in results if r["method"].startswith("torch_")]
     ours = by["ours"]
-    parts = [f"vocab {vocab}: ours {ours['time_s']:.3f} s, delta_rss {ours['delta_rss_mib']:.0f} MiB"]
+    parts = [f"vocab {vocab}: ours {ours['cpu_s']:.3f} CPU s ({ours['time_s']:.3f} s), delta_rss {ours['delta_rss_mib']:.0f} MiB"]
+
+    def ratios(name: str, r: dict) -> str:
+        return (f"{name}/ours cpu {_ratio(r['cpu_s'], ours['cpu_s'])}, "
+                f"delta_rss {_ratio(r['delta_rss_mib'], ours['delta_rss_mib'])}")
+
     if sweep:
-        best = min(sweep, key=lambda r: (r["time_s"], r["delta_rss_mib"]))
-        parts.append(
-            f"torch tuned = batch_chunk_size {best['chunk']} ({best['time_s']:.3f} s, {best['delta_rss_mib']:.0f} MiB; "
-            f"ours/tuned time {_ratio(ours['time_s'], best['time_s'])}, "
-            f"delta_rss {_ratio(ours['delta_rss_mib'], best['delta_rss_mib'])})"
-        )
+        best = min(sweep, key=lambda r: (r["cpu_s"], r["delta_rss_mib"]))
+        parts.append(ratios(f"torch tuned (batch_chunk_size {best['chunk']})", best))
     for name in ("torch_default", "trl_sft", "trl_nll", "unfused"):
         if name in by:
-            r = by[name]
-            parts.append(f"ours/{name} time {_ratio(ours['time_s'], r['time_s'])}, "
-                         f"delta_rss {_ratio(ours['delta_rss_mib'], r['delta_rss_mib'])}")
+            parts.append(ratios(name, by[name]))
     return "; ".join(parts)
 
 
@@ -415,7 +451,7 @@ def plan_rows(n: int, d: int, v: int) -> list[dict]:
     - torch (`LinearCrossEntropyOptions()`: acc_policy auto -> "compact" on CUDA, acc_dtype -> fp32
       for bf16 at SM 8.0+): a [B, V] fp32 logits buffer and its bf16 downcast (input- and
       weight-gradient matmuls): 6 B/element; the head gradient accumulates in bf16 (addmm_ into the
-      [V, D] bf16 result, chunk by chunk). B from its chunking heuristic (`_adjust`).
+      [V, D] bf16 result, chunk by chunk). B from its chunking heuristic (patches.torch_default_chunk_rows).
     - TRL (ChunkedLogProbFunction with Triton): one [min(N, TOKEN_CHUNK_SIZE), chunk_size] tile in
       the compute dtype (bf16), folded in place by its kernels; fp32 accumulators for the hidden
       states' and head's gradients; the backward recomputes every tile (4 head matmuls, not 3).
@@ -428,11 +464,10 @@ def plan_rows(n: int, d: int, v: int) -> list[dict]:
     Small chunks make the head memory-bound on a GPU: the weight is re-read for every chunk.
     """
     import torch
-    import trl.trainer.utils
-    from torch.nn import LinearCrossEntropyOptions
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
 
     import model.loss
+    from patches import torch_default_chunk_rows, trl_chunk_size
 
     mib = 2**20
     rows = []
@@ -441,12 +476,12 @@ def plan_rows(n: int, d: int, v: int) -> list[dict]:
                      logits_mib=min(c_ours, n) * v * 6 / mib, vd_mib=v * d * (4 + 2) / mib,
                      vd_note="fp32 acc + bf16 product/chunk", weight_passes=3 * math.ceil(n / c_ours), head_matmuls=3))
     # device=None resolves acc_policy to "compact", the CUDA pick for bf16; the chunk heuristic is device-independent.
-    b_default = LinearCrossEntropyOptions()._adjust(n, d, v, torch.bfloat16, None).batch_chunk_size
+    b_default = torch_default_chunk_rows(n, d, v, torch.bfloat16, None)
     for label, b in (("torch_default", b_default), ("torch_chunk (= ours' rows)", min(c_ours, n))):
         rows.append(dict(method=label, chunk=f"{b} rows", chunks=math.ceil(n / b), logits_mib=b * v * 6 / mib,
                          vd_mib=v * d * 2 / mib, vd_note="bf16 result, accumulated in bf16",
                          weight_passes=3 * math.ceil(n / b), head_matmuls=3))
-    tile_cols = min(trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, v)
+    tile_cols = min(trl_chunk_size(), v)
     token_chunks = math.ceil(n / TOKEN_CHUNK_SIZE)
     rows.append(dict(method="trl", chunk=f"{min(n, TOKEN_CHUNK_SIZE)} x {tile_cols} tile",
                      chunks=token_chunks * math.ceil(v / tile_cols),
@@ -470,12 +505,74 @@ def print_plan(args) -> None:
                   f"{r['vd_mib']:.0f} ({r['vd_note']}) | {r['gflop']:.0f} | {r['weight_gib']:.1f} |")
 
 
+# ----------------------------------------------------------------------------------- bf16 accuracy
+
+
+def bf16_accuracy(args) -> list[dict]:
+    """Each method in bf16 against float64 on the same bf16-rounded operands: the loss it returns
+    (its dtype and its error) and the relative error (Frobenius) of the head's and the hidden
+    states' gradients. Two precisions: bf16 weights, and fp32 weights under bf16 autocast (the
+    Trainer's --bf16). In this process, small: --bf16_rows x --bf16_hidden x --bf16_vocab, every
+    chunked method at the same --bf16_chunk rows (ours through CHUNK_ELEMENTS), torch's defaults
+    too. What differs is where the chunks' head gradients are summed: ours and TRL in fp32, torch
+    in the input dtype."""
+    import torch
+    import torch.nn.functional as F
+
+    import model.loss
+
+    torch.set_num_threads(args.threads)
+    n, d, v, c = args.bf16_rows, args.bf16_hidden, args.bf16_vocab, args.bf16_chunk
+    hidden0, head, labels = make_inputs(n, d, v, args.ignore_frac, args.seed)
+    hidden0 = hidden0.detach()
+    model.loss.CHUNK_ELEMENTS = c * v  # ours at --bf16_chunk rows, as torch_chunk
+    rows = []
+    for precision in ("bf16 weights", "fp32 weights, bf16 autocast"):
+        autocast = precision.endswith("autocast")
+        # float64 on the operands the bf16 matmuls see
+        h64 = hidden0.bfloat16().double().requires_grad_()
+        w64 = head.weight.detach().bfloat16().double().requires_grad_()
+        ref_loss = F.cross_entropy(h64 @ w64.T, labels, ignore_index=IGNORE_INDEX)
+        ref_loss.backward()
+        for method in ("ours", "torch_default", "torch_chunk", "trl_nll", "unfused"):
+            dtype = torch.float32 if autocast else torch.bfloat16
+            hidden = hidden0.to(dtype).clone().requires_grad_()
+            method_head = torch.nn.Linear(d, v, bias=False).to(dtype)
+            method_head.weight.data.copy_(head.weight.detach())
+            fn = loss_function(method, hidden, method_head, labels, c, min(v, 32768))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fn()
+            loss.backward()
+            rows.append({
+                "precision": precision,
+                "method": method,
+                "loss_dtype": str(loss.dtype).replace("torch.", ""),
+                "loss_err": abs(float(loss.detach()) - float(ref_loss.detach())),
+                "weight_grad_err": float((method_head.weight.grad.double() - w64.grad).norm() / w64.grad.norm()),
+                "hidden_grad_err": float((hidden.grad.double() - h64.grad).norm() / h64.grad.norm()),
+                "weight_grad_dtype": str(method_head.weight.grad.dtype).replace("torch.", ""),
+            })
+    return rows
+
+
+def print_bf16(args) -> None:
+    print(f"# bf16 accuracy: {args.bf16_rows} rows, hidden {args.bf16_hidden}, vocab {args.bf16_vocab}, "
+          f"chunks of {args.bf16_chunk} rows (torch_default: its own), against float64")
+    print("| precision | method | loss dtype | abs loss error | head grad rel error | hidden grad rel error |")
+    print("|---|---|---|---|---|---|")
+    for r in bf16_accuracy(args):
+        print(f"| {r['precision']} | {r['method']} | {r['loss_dtype']} | {r['loss_err']:.1e} | "
+              f"{r['weight_grad_err']:.2e} | {r['hidden_grad_err']:.2e} |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
     elif args.plan:
         print_plan(args)
+    elif args.bf16:
+        print_bf16(args)
     else:
         measure(args)
 

@@ -56,6 +56,16 @@ def test_trl_chunk_size_constant_exists():
     trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = size
 
 
+def test_the_loss_benchmarks_readings_of_torch_and_trl():
+    import torch
+
+    assert patches.trl_chunk_size() > 64 and isinstance(patches.trl_uses_triton(torch.device("cpu")), bool)
+    # torch's default chunk shrinks as the vocabulary grows (8 rows at 151,936 words, measured).
+    small = patches.torch_default_chunk_rows(1024, 896, 4096, torch.float32, torch.device("cpu"))
+    large = patches.torch_default_chunk_rows(1024, 896, 151936, torch.float32, torch.device("cpu"))
+    assert 1 <= large < small <= 1024
+
+
 def test_dataset_fingerprint_follows_its_rows():
     one = datasets.Dataset.from_dict({"a": [1, 2]})
     other = one.map(lambda row: {"a": row["a"] + 1})
@@ -72,7 +82,7 @@ def test_nothing_else_touches_a_private_name_of_these_libraries():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     private = re.compile(
         r"\b(_setup_devices|_save_checkpoint|_load_from_checkpoint|_get_train_sampler"
-        r"|support_avx512bf16_for_cpu|_CHUNKED_LOGPROB_CHUNK_SIZE|_fingerprint)\b"
+        r"|support_avx512bf16_for_cpu|_CHUNKED_LOGPROB_CHUNK_SIZE|_use_triton|_adjust|_fingerprint)\b"
     )
     offenders = []
     for folder, _, files in os.walk(root):
