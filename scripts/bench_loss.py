@@ -215,6 +215,43 @@ def resolved_chunk(method: str, args, rows: int, hidden_size: int, vocab: int) -
     return rows  # unfused: all rows at once
 
 
+def timed_steps(step, args) -> tuple[dict, object]:
+    """Warm-up steps, then the timed ones (fewer when a step is slow): wall and CPU seconds."""
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = (time.perf_counter() - started) / max(1, args.warmup)
+    repeats = args.repeats
+    if warmup_s * repeats > args.max_timed_s:
+        repeats = max(1, int(args.max_timed_s // max(warmup_s, 1e-9)))
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = step()
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    timing = {"time_s": statistics.median(times), "times": times, "cpu_times": cpu_times,
+              "cpu_s": statistics.median(cpu_times), "min_s": min(times), "warmup_s": warmup_s}
+    return timing, loss
+
+
+def compare_with_ours(args, loss, grads: dict) -> dict:
+    """Ours saves its loss and gradients as the reference; every other method is measured
+    against them (the gradients relative to their largest value)."""
+    import torch
+
+    if args.worker == "ours":
+        torch.save({"loss": loss, **grads}, args.ref)
+        return {"loss_diff": 0.0, "grad_diff": 0.0}
+    ref = torch.load(args.ref)
+    return {
+        "loss_diff": abs(float(loss) - float(ref["loss"])),
+        "grad_diff": max(
+            float((grads[name] - ref[name]).abs().max() / ref[name].abs().max().clamp(min=1e-30)) for name in grads
+        ),
+    }
+
+
 def worker(args) -> None:
     import resource
 
@@ -243,19 +280,7 @@ def worker(args) -> None:
         return loss.detach()
 
     base = _rss_bytes()
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    warmup_s = (time.perf_counter() - started) / max(1, args.warmup)
-    repeats = args.repeats
-    if warmup_s * repeats > args.max_timed_s:
-        repeats = max(1, int(args.max_timed_s // max(warmup_s, 1e-9)))
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        loss = step()
-        times.append(time.perf_counter() - started)
-        cpu_times.append(time.process_time() - cpu_started)
+    timing, loss = timed_steps(step, args)
     # This process's high-water RSS (VmHWM). Not ru_maxrss: Linux keeps in it the peak of the
     # memory the process had before exec, here a copy of the parent's (which may hold torch and
     # transformers), so a child's ru_maxrss can report its parent's peak instead of its own.
@@ -266,17 +291,11 @@ def worker(args) -> None:
         hidden.grad = head.weight.grad = None
         tensor_peak = _tensor_peak(step)
 
-    grads = {"hidden": hidden.grad.detach(), "weight": head.weight.grad.detach()}
     result = {
         "vocab": args.vocab,
         "method": args.worker,
         "chunk": resolved_chunk(args.worker, args, args.rows, args.hidden, args.vocab),
-        "time_s": statistics.median(times),
-        "times": times,
-        "cpu_times": cpu_times,
-        "cpu_s": statistics.median(cpu_times),
-        "min_s": min(times),
-        "warmup_s": warmup_s,
+        **timing,
         "base_rss_mib": base / 2**20,
         "peak_rss_mib": peak / 2**20,
         "ru_maxrss_mib": ru_maxrss / 2**20,
@@ -286,15 +305,7 @@ def worker(args) -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    if args.worker == "ours":
-        torch.save({"loss": loss, **grads}, args.ref)
-        result.update(loss_diff=0.0, grad_diff=0.0)
-    else:
-        ref = torch.load(args.ref)
-        result["loss_diff"] = abs(float(loss) - float(ref["loss"]))
-        result["grad_diff"] = max(
-            float((grads[name] - ref[name]).abs().max() / ref[name].abs().max().clamp(min=1e-30)) for name in grads
-        )
+    result.update(compare_with_ours(args, loss, {"hidden": hidden.grad.detach(), "weight": head.weight.grad.detach()}))
     result["match"] = bool(
         result["loss_diff"] <= args.rtol * max(1.0, abs(result["loss"])) and result["grad_diff"] <= args.rtol
     )

@@ -44,7 +44,8 @@ def test_every_method_prints_a_finite_row_matching_ours():
         for column in ("chunk", "time_s", "min_s", "cpu_s", "base_rss_mib", "peak_rss_mib", "delta_rss_mib", "tensor_peak_mib",
                        "loss", "loss_diff", "grad_diff"):
             assert math.isfinite(float(row[column])), (column, row)
-        assert float(row["time_s"]) > 0 and float(row["cpu_s"]) >= 0 and float(row["base_rss_mib"]) > 0, row
+        # Times are printed to 1 ms: a step this small can read 0.
+        assert float(row["time_s"]) >= 0 and float(row["cpu_s"]) >= 0 and float(row["base_rss_mib"]) > 0, row
         assert float(row["peak_rss_mib"]) >= float(row["base_rss_mib"]) - 1, row  # VmHWM, not the parent's peak
         assert abs(float(row["loss"]) - math.log(128)) < 1.0, row  # a near-uniform head over 128 words
         assert float(row["loss_diff"]) <= 1e-4 * float(row["loss"]), row
