@@ -109,9 +109,18 @@ def load_shape(name: str) -> tuple[str, dict]:
     return os.path.splitext(os.path.basename(path))[0], shape
 
 
+def is_native(shape: dict) -> bool:
+    """A native shape is one released model (its `model_type`, e.g. qwen2_5_vl) that both sides
+    train; a composed one (the default) is a tower and an LLM, ours composed, the peer Llava."""
+    return shape.get("kind", "composed") == "native"
+
+
 def base_dir(args: BenchArguments, shape_name: str, shape: dict) -> str:
     """One folder per model config and dtype: an edited shape is built again, never reused stale."""
     model = [shape["vision"], shape["llm"], shape.get("vision_feature_layer", -2), args.dtype]
+    if is_native(shape):
+        model = [shape["model_type"], shape["vision"], shape["llm"], shape["image_size"],
+                 shape.get("tie_word_embeddings", False), args.dtype]
     key = hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:10]
     workdir = args.workdir or os.path.join(tempfile.gettempdir(), "vlm_bench")
     return os.path.join(workdir, f"{shape_name}-{key}")
@@ -126,7 +135,11 @@ def shape_config(shape: dict, part: str):
 
 
 def image_tokens_per_image(shape: dict) -> int:
-    """mlp2x_gelu: one token per patch (a CLIP tower's CLS is dropped on both sides)."""
+    """mlp2x_gelu: one token per patch (a CLIP tower's CLS is dropped on both sides). A native
+    Qwen2.5-VL: one token per 2 x 2 patches (its merger), of an `image_size` square image."""
+    if is_native(shape):
+        vision = shape["vision"]
+        return (shape["image_size"] // vision["patch_size"] // vision["spatial_merge_size"]) ** 2
     return (shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2
 
 
@@ -225,6 +238,171 @@ class Collate:
         ids = self.input_ids[idx]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[idx],
                 "pixel_values": self.pixel_values[pix]}
+
+
+# --- a native shape: one released model, both sides ------------------------------------------------
+
+# tools/tiny_vlms.py's Qwen2.5-VL tokenizer: these special tokens take ids 0..6, in this order.
+QWEN2_5_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+NATIVE_PROMPT = "Describe the picture."
+
+
+def native_processor(shape: dict):
+    """Qwen2.5-VL's processor, built offline from tools/tiny_vlms.py's pieces (a byte-level BPE
+    tokenizer with the family's special tokens, its ChatML template), the pixel budget set so that
+    an `image_size` square image keeps its size."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from tools.tiny_vlms import QWEN2_5_VL_TEMPLATE, _tokenizer
+
+    vision, size = shape["vision"], shape["image_size"]
+    unit = vision["patch_size"] * vision["spatial_merge_size"]
+    if shape["model_type"] != "qwen2_5_vl" or size % unit:
+        raise SystemExit(f"native shape: a qwen2_5_vl model with image_size a multiple of {unit} (patch x merge).")
+    tokenizer = _tokenizer(QWEN2_5_VL_SPECIALS, QWEN2_5_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    pixels = dict(min_pixels=size * size, max_pixels=size * size, patch_size=vision["patch_size"],
+                  merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"])
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN2_5_VL_TEMPLATE)
+
+
+def native_config(shape: dict, tokenizer):
+    """The model's config: the shape's vision and llm sections, the tokenizer's special ids."""
+    from transformers import CONFIG_MAPPING
+
+    image, video, start, end = tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    vision = {k: v for k, v in shape["vision"].items() if k != "model_type"}
+    text = {k: v for k, v in shape["llm"].items() if k != "model_type"}
+    text.update(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CONFIG_MAPPING[shape["model_type"]](
+        vision_config=vision, text_config=text, image_token_id=image, video_token_id=video,
+        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=shape.get("tie_word_embeddings", False),
+    )
+
+
+def build_native(out: str, shape: dict, dtype_name: str) -> None:
+    """One folder in the released layout, which `--vlm_model DIR` (ours) and
+    AutoModelForImageTextToText (the peer) both load: the model, random weights (seed 0), and its
+    processor."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    processor = native_processor(shape)
+    config = native_config(shape, processor.tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).to(getattr(torch, dtype_name))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    with open(os.path.join(out, "complete"), "w") as f:
+        f.write("built\n")
+
+
+def native_samples(base: str, shape: dict, n: int, seq_len: int, images: int, vocab: int) -> dict:
+    """`n` samples of exactly `seq_len` tokens (no padding), made by the model's own processor and
+    chat template through data/processor_prompt.encode_batch: a user turn of `images` seeded
+    random images and a question, an assistant answer. The answer is lengthened with seeded random
+    text tokens (no special token) to `seq_len`; labels on the answer and its end of turn only, as
+    encode_batch sets them. Both sides train on these very tensors."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from data.processor_prompt import SEQUENCE_KEYS, encode_batch
+
+    processor = AutoProcessor.from_pretrained(base)
+    rng, size = np.random.default_rng(0), shape["image_size"]
+    messages = [{"role": "user", "content": "<image>\n" * images + NATIVE_PROMPT}, {"role": "assistant", "content": "A"}]
+    batch = encode_batch(processor, [
+        (messages, [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(images)])
+        for _ in range(n)
+    ])
+    assert bool(batch["attention_mask"].all()), "the same prompt and image size on every row: no padding"
+    answer = int((batch["labels"][0] != -100).nonzero()[0])  # the first supervised position, every row's
+    extra = seq_len - batch["input_ids"].shape[1]
+    if extra < 0:
+        raise SystemExit(f"--seq_len {seq_len}: the prompt and {images} image(s) take {seq_len - extra} tokens.")
+    low = 1 + max(processor.tokenizer.added_tokens_decoder)  # past every special token
+    text = torch.randint(low, vocab, (n, extra), generator=torch.Generator().manual_seed(0))
+    fills = {"input_ids": text, "labels": text, "attention_mask": torch.ones_like(text)}
+    for key in [*SEQUENCE_KEYS, "labels"]:
+        if key in batch:  # token_type_ids, mm_token_type_ids: 0, text
+            fill = fills.get(key, torch.zeros_like(text))
+            batch[key] = torch.cat([batch[key][:, :answer], fill, batch[key][:, answer:]], dim=1)
+    return batch
+
+
+class NativeCollate:
+    """Rows of a native batch by index: their tokens, their images' patches and grids (every image
+    the same size, so each row holds as many patches)."""
+
+    def __init__(self, batch: dict, images: int):
+        n = batch["input_ids"].shape[0]
+        self.rows = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+        self.pixel_values = batch["pixel_values"].reshape(n, -1, batch["pixel_values"].shape[-1])
+        self.grid = batch["image_grid_thw"].reshape(n, images, 3)
+
+    def __call__(self, rows):
+        import torch
+
+        idx = torch.tensor([r["idx"] for r in rows])
+        out = {k: v[idx] for k, v in self.rows.items()}
+        out["pixel_values"] = self.pixel_values[idx].flatten(0, 1)
+        out["image_grid_thw"] = self.grid[idx].flatten(0, 1)
+        return out
+
+
+def build_native_ours(args: BenchArguments, base: str, recipe: str):
+    """The repository's path for a released VLM, as train.py takes it: load_base with --vlm_model
+    (model/released.py), then apply_freeze_policy."""
+    from config import ModelArguments
+    from model.freeze import apply_freeze_policy
+    from run.checkpoint import load_base
+
+    model_args = ModelArguments(vlm_model=base, dtype=args.dtype, fused_loss=args.fused_loss, lora_r=args.lora_r,
+                                lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, **RECIPES[recipe])
+    model = load_base(model_args)
+    apply_freeze_policy(model, model_args)
+    return model
+
+
+def build_native_peer(args: BenchArguments, base: str, recipe: str):
+    """AutoModelForImageTextToText.from_pretrained of the same folder, frozen as the recipe says
+    with requires_grad, LoRA by peft on every linear layer of the LLM (r, alpha, dropout) with the
+    merger trainable. Trainable weights in fp32, frozen ones in the base dtype."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from model.build import linear_module_names
+
+    flags = RECIPES[recipe]
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    trains = {"vision": not flags["freeze_vit"], "connector": not flags["freeze_qformer"], "llm": not flags["freeze_llm"]}
+    for name, param in model.named_parameters():
+        param.requires_grad_(trains[native_component(name)])
+    if flags.get("lora_enable"):
+        names = "|".join(linear_module_names(model.model.language_model))
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=rf".*language_model\..*\.({names})")
+        model = get_peft_model(model, config)
+        for name, param in model.named_parameters():
+            if native_component(name) == "connector":
+                param.requires_grad_(trains["connector"])  # peft froze it; the recipe trains it
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def native_component(name: str) -> str:
+    """A Qwen2.5-VL parameter's component, by transformers' names: the merger (the connector)
+    sits inside the tower `visual`; the rest is the LLM, its head included."""
+    if ".merger." in f".{name}":
+        return "connector"
+    return "vision" if ".visual." in f".{name}" else "llm"
 
 
 # --- one side, in its own process -----------------------------------------------------------------
@@ -375,24 +553,54 @@ def _peer_component(name: str) -> str | None:
     return "llm"
 
 
-def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
-    """In the child: build one side, warm up, train `warmup_steps + steps`, measure."""
-    import gc
+@dataclass
+class Side:
+    """One side built in its child, on its device: the model, its batches, and what the row says
+    of it beside the timings (ours only: model FLOPs and the plan)."""
 
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
+    model: object
+    collate: object
+    counts: dict
+    vocab: int
+    flops: dict | None = None
+    plan: object = None
 
-    from tools.flops import step_flops
-    from tools.memory import plan_memory, weight_bytes
 
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak_flops = device_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    memory = StepMemory(device)
-
+def build_side(args: BenchArguments, side: str, recipe: str, device) -> Side:
+    """The shape's model for `side` (seeded), its synthetic batches, and ours' FLOPs and plan."""
     shape_name, shape = load_shape(args.shape)
     base = base_dir(args, shape_name, shape)
+    if is_native(shape):
+        return _native_side(args, side, recipe, device, base, shape)
+    return _composed_side(args, side, recipe, device, base, shape)
+
+
+def _native_side(args: BenchArguments, side: str, recipe: str, device, base: str, shape: dict) -> Side:
+    """Both sides: the same released model from the same folder, the same processor-made batches.
+    No plan: tools/memory.py plans a composed base."""
+    import torch
+
+    from tools.flops import qwen2_5_vl_step_flops
+
+    torch.manual_seed(0)
+    model = build_native_ours(args, base, recipe) if side == "ours" else build_native_peer(args, base, recipe)
+    model.to(device)
+    vocab = shape["llm"]["vocab_size"]
+    batch = native_samples(base, shape, args.batch_size, args.seq_len, args.images, vocab)
+    built = Side(model, NativeCollate(batch, args.images), vocab=vocab,
+                 counts=_count(model, model.component if side == "ours" else native_component))
+    if side == "ours":
+        built.flops = qwen2_5_vl_step_flops(model.base, batch)
+    return built
+
+
+def _composed_side(args: BenchArguments, side: str, recipe: str, device, base: str, shape: dict) -> Side:
+    """Ours composed from vision/ and llm/, the peer Llava from llava/; synthetic batches."""
+    import torch
+
+    from tools.flops import step_flops
+    from tools.memory import plan_memory
+
     batch_size, seq_len = args.batch_size, args.seq_len
     torch.manual_seed(0)
     ours = build_ours(args, base, recipe, shape) if side == "ours" else None
@@ -406,18 +614,22 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
         batch_size, seq_len, args.images, image_tokens, vocab, image_size, image_token
     )
     supervised = supervised_positions(batch_size, seq_len, args.images, image_tokens)
-    flops = step_flops(ours, batch_size, seq_len, args.images, supervised) if side == "ours" else None
-    plan = None
+    built = Side(model, Collate(input_ids, labels, pixel_values, args.images), vocab=vocab,
+                 counts=_count(model, lambda n: n.split(".", 1)[0]) if side == "ours" else _count(model, _peer_component))
     if side == "ours":
-        plan = plan_memory(model, batch_size, seq_len, args.gradient_checkpointing, images_per_sample=args.images,
-                           supervised_tokens=supervised, padded=False)
-    counts = _count(model, lambda n: n.split(".", 1)[0]) if side == "ours" else _count(model, _peer_component)
-    collate = Collate(input_ids, labels, pixel_values, args.images)
+        built.flops = step_flops(ours, batch_size, seq_len, args.images, supervised)
+        built.plan = plan_memory(model, batch_size, seq_len, args.gradient_checkpointing,
+                                 images_per_sample=args.images, supervised_tokens=supervised, padded=False)
+    return built
 
-    # The first loss, before any step, in eval mode (no dropout): equal on both sides when they
-    # compute the same function from the same weights. A sample at a time: eval's logits are
-    # [B, L, V] (623 MiB at batch 4 x 256 and a 152k vocabulary), which would set the peak RSS
-    # instead of training; every sample has as many labels, so the mean of means is the batch's.
+
+def first_loss(model, collate, batch_size: int, device) -> float:
+    """The loss before any step, in eval mode (no dropout): equal on both sides when they compute
+    the same function from the same weights. A sample at a time: eval's logits are [B, L, V]
+    (623 MiB at batch 4 x 256 and a 152k vocabulary), which would set the peak RSS instead of
+    training; every sample has as many labels, so the mean of means is the batch's."""
+    import torch
+
     model.eval()
     losses = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -427,11 +639,22 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
     loss0 = statistics.fmean(losses)
     del sample
     model.train()
+    return loss0
 
-    clock, cpu_clock, marks = [], [], {}
-    timed_end = args.warmup_steps + args.steps
+
+def step_clock(device, timed_end: int):
+    """A TrainerCallback that stamps the end of every step (wall and process CPU time) and counts
+    the memory step, the one after the timed ones (`StepMemory`): `.wall`, `.cpu`, `.step_bytes`."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    memory = StepMemory(device)
 
     class StepClock(TrainerCallback):
+        def __init__(self):
+            self.wall, self.cpu, self.step_bytes = [], [], None
+
         def on_step_begin(self, train_args, state, control, **kwargs):
             if state.global_step == timed_end:  # the memory step
                 gc.collect()
@@ -439,16 +662,25 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
 
         def on_step_end(self, train_args, state, control, **kwargs):
             _sync(device)
-            clock.append(time.perf_counter())
-            cpu_clock.append(time.process_time())
+            self.wall.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             if state.global_step == timed_end + MEMORY_STEPS:
-                marks["step_bytes"] = memory.stop()
+                self.step_bytes = memory.stop()
 
-    dataset = Dataset.from_dict({"idx": [i % batch_size for i in range(batch_size * (timed_end + MEMORY_STEPS))]})
+    return StepClock()
+
+
+def make_trainer(args: BenchArguments, side: str, built: Side, clock, device):
+    """Ours: VLMTrainer; the peer: TRL's SFTTrainer (or transformers' Trainer). The same loop
+    settings on both sides, over `warmup_steps + steps + MEMORY_STEPS` steps of the same batches."""
+    from datasets import Dataset
+
+    steps = args.warmup_steps + args.steps + MEMORY_STEPS
+    dataset = Dataset.from_dict({"idx": [i % args.batch_size for i in range(args.batch_size * steps)]})
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
-        per_device_train_batch_size=batch_size,
-        max_steps=timed_end + MEMORY_STEPS,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         weight_decay=0.0,
@@ -463,13 +695,13 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
         disable_tqdm=True,
         seed=0,
     )
+    data = dict(model=built.model, train_dataset=dataset, data_collator=built.collate, callbacks=[clock])
     if side == "ours":
         from config import TrainArguments
         from run.trainer import VLMTrainer
 
-        trainer = VLMTrainer(model=model, args=TrainArguments(**common), train_dataset=dataset,
-                             data_collator=collate, callbacks=[StepClock()])
-    elif args.peer_trainer == "sft":
+        return VLMTrainer(args=TrainArguments(**common), **data)
+    if args.peer_trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
         from patches import cap_trl_chunk_size
@@ -478,19 +710,38 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
         # TRL scores the LM head in tiles 32768 words wide: a fraction of a real vocabulary
         # (Qwen2.5: 151,936) but 8x all of cpu_small's, where the tile's unused columns would
         # count against the peer. No wider than the vocabulary, it costs what it does at a real one.
-        cap_trl_chunk_size(vocab)
+        cap_trl_chunk_size(built.vocab)
         config = SFTConfig(**common, gradient_checkpointing=args.gradient_checkpointing,
                            dataset_kwargs={"skip_prepare_dataset": True})
         # SFTTrainer wants a tokenizer; the batches are already token ids, so any one does.
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, data_collator=collate,
-                             processing_class=build_tokenizer(["a b c"], vocab_size=300),
-                             callbacks=[StepClock()])
-    else:
-        from transformers import Trainer, TrainingArguments
+        return SFTTrainer(args=config, processing_class=build_tokenizer(["a b c"], vocab_size=300), **data)
+    from transformers import Trainer, TrainingArguments
 
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                          data_collator=collate, callbacks=[StepClock()])
+    return Trainer(args=TrainingArguments(**common), **data)
+
+
+def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
+    """In the child: build one side, warm up, train `warmup_steps + steps`, measure."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak_flops = device_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    built = build_side(args, side, recipe, device)
+    loss0 = first_loss(built.model, built.collate, args.batch_size, device)
+    clock = step_clock(device, args.warmup_steps + args.steps)
+    trainer = make_trainer(args, side, built, clock, device)
     train_loss = trainer.train().training_loss
+    return side_result(args, side, recipe, built, trainer, clock, device) | {
+        "loss0": loss0, "train_loss": train_loss, "device_flops": peak_flops,
+    }
+
+
+def side_result(args: BenchArguments, side: str, recipe: str, built: Side, trainer, clock, device) -> dict:
+    """The child's figures: step times, counted and resident memory, the plan, FLOPs."""
+    from tools.memory import weight_bytes
+
+    timed_end = args.warmup_steps + args.steps
 
     def timed(stamps):  # the timed steps' intervals, each from the end of the step before
         return [b - a for a, b in zip(stamps[args.warmup_steps - 1 : timed_end - 1], stamps[args.warmup_steps : timed_end],
@@ -498,34 +749,32 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
 
     # CPU time of this process per step: on a shared machine, robust to other processes taking
     # the core (wall time is not); equal to wall time on a quiet machine with one thread.
-    intervals, cpu_intervals = timed(clock), timed(cpu_clock)
-    weights = sum(weight_bytes(model).values())
+    intervals, cpu_intervals = timed(clock.wall), timed(clock.cpu)
+    weights = sum(weight_bytes(built.model).values())
     states = _tensor_bytes(v for state in trainer.optimizer.state.values() for v in state.values())
+    plan = built.plan
     return {
         "side": side,
         "recipe": recipe,
         "step_s": statistics.median(intervals),
         "intervals": intervals,
         "cpu_s": statistics.median(cpu_intervals),
-        "loss0": loss0,
-        "train_loss": train_loss,
         # Tensors counted, the rest measured: the model's parameters and buffers and the
         # optimizer's states (each storage once: what a GPU allocator holds for them) plus the
         # peak that a training step adds on top of them (gradients, activations, the loss).
-        "peak_bytes": weights + states + marks["step_bytes"],
+        "peak_bytes": weights + states + clock.step_bytes,
         # The process's peak resident set (host memory): tensors plus libtorch's code, Python and
         # what glibc keeps after frees. Shown beside the counted peak, for both sides alike.
         "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "weight_bytes": weights,
         "state_bytes": states,
-        "step_bytes": marks["step_bytes"],
+        "step_bytes": clock.step_bytes,
         "plan_total": plan.total if plan else None,
         "plan_step": plan.gradients + plan.activations if plan else None,
-        "flops": flops,
-        "device_flops": peak_flops,
-        "counts": counts,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
+        "flops": built.flops,
+        "counts": built.counts,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
         "device": str(device),
         "dtype": args.dtype,
     }
@@ -601,13 +850,19 @@ HEADER = (f"{'recipe':<11} {'side':<5} {'step_s':>7} {'cpu_s':>7} {'samples/s':>
           f"{'step_MiB':>8} {'plan_step':>9} {'rss_MiB':>8} {'loss0':>7} {'loss':>7}")
 
 
-def format_row(recipe: str, side: str, s: dict, flops: float, plan_total: int, plan_step: int) -> str:
+def format_row(recipe: str, side: str, s: dict, flops: float, plan_total: int | None, plan_step: int | None) -> str:
+    """One row of the table; the plan's columns read "-" where there is no plan (a native shape)."""
     achieved = flops / s["step_s"]
+    if plan_total:
+        plan = f"{plan_total / MIB:>8.1f} {s['peak_mib'] * MIB / plan_total:>9.3f}"
+        step = f"{plan_step / MIB:>9.1f}"
+    else:
+        plan, step = f"{'-':>8} {'-':>9}", f"{'-':>9}"
     return (
         f"{recipe:<11} {side:<5} {s['step_s']:>7.4f} {s['cpu_s']:>7.4f} {s['samples_s']:>9.2f} "
         f"{s['tokens_s']:>8.1f} {flops / 1e9:>10.3f} {achieved / 1e9:>7.2f} {achieved / s['device_flops']:>5.3f} "
-        f"{s['peak_mib']:>8.1f} {plan_total / MIB:>8.1f} {s['peak_mib'] * MIB / plan_total:>9.3f} "
-        f"{s['step_mib']:>8.1f} {plan_step / MIB:>9.1f} {s['rss_mib']:>8.1f} {s['loss0']:>7.4f} {s['train_loss']:>7.4f}"
+        f"{s['peak_mib']:>8.1f} {plan} {s['step_mib']:>8.1f} {step} {s['rss_mib']:>8.1f} "
+        f"{s['loss0']:>7.4f} {s['train_loss']:>7.4f}"
     )
 
 
@@ -629,7 +884,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         kind, _, recipe = args.child.partition(":")
         if kind == "build":
-            build_base(base_dir(args, shape_name, shape), shape, args.dtype)
+            build = build_native if is_native(shape) else build_base
+            build(base_dir(args, shape_name, shape), shape, args.dtype)
             return
         print(RESULT + json.dumps(run_side(args, kind, recipe)), flush=True)
         return
@@ -649,35 +905,41 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             for side in sides:  # alternated: ours, peer, ours, peer, ...
                 results[recipe, side].append(_child(args, f"{side}:{recipe}"))
+    print_table(args, shape_name, shape, results)
 
+
+def print_table(args: BenchArguments, shape_name: str, shape: dict, results: dict) -> None:
+    """The heading line, a row per recipe and side (medians), then the ours/peer ratios."""
+    recipes = list(dict.fromkeys(recipe for recipe, _ in results))
     everything = [r for runs in results.values() for r in runs]
     device_flops = max(r["device_flops"] for r in everything)
     first = everything[0]
     batch, seq = first["batch_size"], first["seq_len"]
     load = os.getloadavg()
+    peer_model = f"the same {shape['model_type']} model" if is_native(shape) else "LlavaForConditionalGeneration"
     print(
         f"bench: shape {shape_name}, batch {batch} x {seq} tokens, {args.images} image(s)/sample, "
         f"{first['dtype']} on {first['device']} ({_device_name()}), {args.threads} thread(s), "
         f"warm-up {args.warmup_steps} + {args.steps} timed steps, {args.repeats} process(es) per side "
         f"(medians), gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"peer {'TRL SFTTrainer' if args.peer_trainer == 'sft' else 'transformers Trainer'} + "
-        f"LlavaForConditionalGeneration, device peak {device_flops / 1e9:.1f} GFLOP/s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"{peer_model}, device peak {device_flops / 1e9:.1f} GFLOP/s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print(HEADER)
+    # The same weights train on both sides; a native model's tower too (nothing of it is cut off).
+    parts = ("vision", "connector", "llm") if is_native(shape) else ("connector", "llm")
     ratios = []
     for recipe in recipes:
         ours = results[recipe, "ours"]
-        flops = ours[0]["flops"]["total"]
-        plan_total, plan_step = ours[0]["plan_total"], ours[0]["plan_step"]
-        summary = {side: summarize(results[recipe, side], device_flops) for side in sides}
+        summary = {side: summarize(results[recipe, side], device_flops) for side in ("ours", "peer") if args.peer or side == "ours"}
         if args.peer:
             ours_counts, peer_counts = ours[0]["counts"], results[recipe, "peer"][0]["counts"]
-            for part in ("connector", "llm"):  # the same weights train on both sides
+            for part in parts:
                 if ours_counts[part] != peer_counts[part]:
                     raise SystemExit(f"{recipe}: {part} trainable/total {ours_counts[part]} (ours) vs "
                                      f"{peer_counts[part]} (peer): the sides do not train the same model.")
-        for side in sides:
-            print(format_row(recipe, side, summary[side], flops, plan_total, plan_step))
+        for side, s in summary.items():
+            print(format_row(recipe, side, s, ours[0]["flops"]["total"], ours[0]["plan_total"], ours[0]["plan_step"]))
         if args.peer:
             ratios.append(
                 f"{recipe} ours/peer step-time {summary['ours']['step_s'] / summary['peer']['step_s']:.3f} "
@@ -690,6 +952,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
     """Each recipe's plan for the shape's batch, built on the meta device from its configs."""
+    if is_native(shape):
+        raise SystemExit(f"--plan_only: {shape_name} is a native shape, and tools/memory.py plans a composed base.")
     from model.build import build_model
     from model.freeze import apply_freeze_policy
     from tools.memory import plan_memory

@@ -74,7 +74,6 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
 
     from config import ModelArguments, TrainArguments
     from model.freeze import apply_freeze_policy
-    from model.vlm import IMAGE_TOKEN_INDEX
     from run.checkpoint import load_base
     from run.trainer import VLMTrainer
     from tools.memory import plan_memory
@@ -87,34 +86,8 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
     apply_freeze_policy(model, args)
     plan = plan_memory(model, batch_size, seq_len, ckpt)
 
-    n_image = model.num_image_tokens
     vocab = model.llm.get_input_embeddings().num_embeddings
-    size = model.vision.image_size
-
-    class FixedLength(torch.utils.data.Dataset):
-        def __len__(self):
-            return batch_size * steps
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            length = seq_len - (4 if i % batch_size == 0 else 0)  # one shorter sample per batch
-            ids = torch.randint(3, vocab, (length,), generator=g)
-            ids[1 : 1 + n_image] = IMAGE_TOKEN_INDEX
-            labels = ids.clone()
-            labels[: 1 + n_image] = -100
-            return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, size, size, generator=g)}
-
-    def collate(examples):
-        longest = max(len(e["input_ids"]) for e in examples)
-        ids = torch.zeros(len(examples), longest, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = e["input_ids"], e["labels"], 1
-        pixels = torch.cat([e["pixel_values"] for e in examples])
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
-
+    dataset = FixedLength(batch_size, steps, seq_len, vocab, model.num_image_tokens, model.vision.image_size)
     train_args = TrainArguments(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=batch_size,
@@ -128,14 +101,8 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = VLMTrainer(model=model, args=train_args, train_dataset=FixedLength(), data_collator=collate)
-    # Warm-up: the first forward loads kernels and allocates thread-local workspaces (~20 MiB
-    # here, whatever the batch). One short sample, its gradients dropped, puts that in the
-    # baseline without leaving a tensor the plan counts.
-    short = collate([{k: v[: 2 + n_image] if k != "pixel_values" else v for k, v in FixedLength()[1].items()}])
-    model(**short).loss.backward()
-    model.zero_grad(set_to_none=True)
-    gc.collect()
+    trainer = VLMTrainer(model=model, args=train_args, train_dataset=dataset, data_collator=pad_collate)
+    warm_up(model, dataset)
     baseline = _rss_bytes()
     _reset_peak()
     trainer.train()
@@ -152,6 +119,59 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
         "plan_optimizer": plan.optimizer,
         "plan_activations": plan.activations,
     }
+
+
+class FixedLength:
+    """`batch_size * steps` seeded samples of `seq_len` tokens, one per batch 4 shorter (so the
+    batch is padded, as the collator pads real data): a text token, the image slots, then text
+    with labels."""
+
+    def __init__(self, batch_size: int, steps: int, seq_len: int, vocab: int, n_image: int, image_size: int):
+        self.batch_size, self.steps, self.seq_len = batch_size, steps, seq_len
+        self.vocab, self.n_image, self.image_size = vocab, n_image, image_size
+
+    def __len__(self):
+        return self.batch_size * self.steps
+
+    def __getitem__(self, i):
+        import torch
+
+        from model.vlm import IMAGE_TOKEN_INDEX
+
+        g = torch.Generator().manual_seed(i)
+        length = self.seq_len - (4 if i % self.batch_size == 0 else 0)  # one shorter sample per batch
+        ids = torch.randint(3, self.vocab, (length,), generator=g)
+        ids[1 : 1 + self.n_image] = IMAGE_TOKEN_INDEX
+        labels = ids.clone()
+        labels[: 1 + self.n_image] = -100
+        size = self.image_size
+        return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, size, size, generator=g)}
+
+
+def pad_collate(examples):
+    """Rows padded on the right to the longest, with their attention mask; images concatenated."""
+    import torch
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = e["input_ids"], e["labels"], 1
+    pixels = torch.cat([e["pixel_values"] for e in examples])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+
+
+def warm_up(model, dataset: FixedLength) -> None:
+    """The first forward loads kernels and allocates thread-local workspaces (~20 MiB here,
+    whatever the batch). One short sample, its gradients dropped, puts that in the baseline
+    without leaving a tensor the plan counts."""
+    n_image = dataset.n_image
+    short = pad_collate([{k: v[: 2 + n_image] if k != "pixel_values" else v for k, v in dataset[1].items()}])
+    model(**short).loss.backward()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
 
 
 def child_command(base_dir: str, run: str, batch_size: int, seq_len: int, steps: int) -> list[str]:

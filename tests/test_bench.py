@@ -4,6 +4,7 @@ ours/peer line. Speed is measured by hand (docs/benchmarks.md), never asserted h
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -29,9 +30,9 @@ def workdir(tmp_path_factory) -> str:
     return path
 
 
-def run_bench(workdir: str, *extra: str) -> list[str]:
+def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", *ARGS, "--workdir", workdir, *extra],
+        [sys.executable, "-m", "scripts.bench", *args, "--workdir", workdir, *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -57,15 +58,20 @@ def ratio_of_rounded(ratio: float, numerator: float, denominator: float) -> bool
     return (numerator - 0.05) / (denominator + 0.05) - 0.0005 <= ratio <= (numerator + 0.05) / (denominator - 0.05) + 0.0005
 
 
-def check_row(row: dict[str, str]) -> None:
-    numbers = {k: float(v) for k, v in row.items() if k not in ("recipe", "side")}
+def check_row(row: dict[str, str], seq_len: int = 48, plan: bool = True) -> None:
+    """`plan`: the row has the plan's columns (a composed shape); a native one prints "-" there."""
+    plan_columns = ("plan_MiB", "peak/plan", "plan_step")
+    if not plan:
+        assert [row[k] for k in plan_columns] == ["-"] * 3, row
+    numbers = {k: float(v) for k, v in row.items() if k not in ("recipe", "side") and (plan or k not in plan_columns)}
     assert all(math.isfinite(v) and v > 0 for v in numbers.values()), numbers
     assert 0 < numbers["MFU"] <= 1
     # Throughput and FLOP/s are the step time seen three ways (the table rounds each).
     assert numbers["samples/s"] == pytest.approx(2 / numbers["step_s"], rel=0.03)
-    assert numbers["tokens/s"] == pytest.approx(2 * 48 / numbers["step_s"], rel=0.03)
+    assert numbers["tokens/s"] == pytest.approx(2 * seq_len / numbers["step_s"], rel=0.03)
     assert numbers["GFLOP/s"] == pytest.approx(numbers["GFLOP/step"] / numbers["step_s"], rel=0.05)
-    assert ratio_of_rounded(numbers["peak/plan"], numbers["peak_MiB"], numbers["plan_MiB"])
+    if plan:
+        assert ratio_of_rounded(numbers["peak/plan"], numbers["peak_MiB"], numbers["plan_MiB"])
     assert numbers["peak_MiB"] > numbers["step_MiB"]  # the weights and optimizer states are in it
     assert numbers["rss_MiB"] > numbers["peak_MiB"]  # the process holds its tensors, and libtorch
 
@@ -129,3 +135,54 @@ def test_plan_only_plans_every_recipe_without_weights(tmp_path):
         assert total_on == pytest.approx(weights + grads + adamw + act_on, abs=0.2), recipe
     assert table["full"][1] > table["lora"][1] >= table["pretrain"][1]  # gradients of what trains only
     assert not glob.glob(os.path.join(tmp_path, "**", "*.safetensors"), recursive=True)  # no weights written
+
+
+# --- a native shape: one released Qwen2.5-VL, ours through --vlm_model, the peer through TRL -----------
+
+NATIVE = "tiny_qwen25vl"
+NATIVE_ARGS = ["--shape", NATIVE, "--recipe", "lora", "--warmup_steps", "1", "--steps", "2", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def native_workdir(tmp_path_factory) -> str:
+    """The tiny native shape built here: one folder, model and processor, as a released VLM's."""
+    path = str(tmp_path_factory.mktemp("bench_native"))
+    args = bench.BenchArguments(shape=NATIVE, dtype="float32", workdir=path)
+    name, shape = bench.load_shape(NATIVE)
+    bench.build_native(bench.base_dir(args, name, shape), shape, "float32")
+    return path
+
+
+def test_native_samples_label_the_answer_only(native_workdir):
+    """The batches of a native shape come from the model's own processor and chat template: exactly
+    `seq_len` tokens, each image expanded to its tokens (never labelled), labels from the answer on."""
+    name, shape = bench.load_shape(NATIVE)
+    base = bench.base_dir(bench.BenchArguments(shape=NATIVE, dtype="float32", workdir=native_workdir), name, shape)
+    batch = bench.native_samples(base, shape, n=2, seq_len=64, images=2, vocab=shape["llm"]["vocab_size"])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (2, 64) and bool(batch["attention_mask"].all())
+    image_token = json.load(open(os.path.join(base, "config.json")))["image_token_id"]
+    assert ((ids == image_token).sum(1) == 2 * bench.image_tokens_per_image(shape)).all()
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 4 and batch["pixel_values"].shape[0] == 4 * 16
+    for row in range(2):
+        labelled = (labels[row] != -100).nonzero().flatten()
+        start = int(labelled[0])
+        assert labelled.tolist() == list(range(start, 64))  # the answer, its end of turn, to the end
+        assert (labels[row, start:] == ids[row, start:]).all() and not (ids[row, start:] == image_token).any()
+        assert int((ids[row, :start] == image_token).sum()) == 8  # both images before the answer
+
+
+def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
+    lines = run_bench(native_workdir, "--peer", args=NATIVE_ARGS)
+    assert lines[0].startswith(f"bench: shape {NATIVE}, batch 2 x 64 tokens") and "the same qwen2_5_vl model" in lines[0]
+    table = rows(lines)
+    assert list(table) == ["ours", "peer"]
+    for row in table.values():
+        check_row(row, seq_len=64, plan=False)
+    # One model, one set of weights and batches: the same loss before training and, trained by
+    # the same optimizer on the same parameters, the same mean training loss.
+    assert float(table["ours"]["loss0"]) == pytest.approx(float(table["peer"]["loss0"]), abs=1e-3)
+    assert float(table["ours"]["loss"]) == pytest.approx(float(table["peer"]["loss"]), abs=1e-3)
+    (ratio,) = [line for line in lines if "ours/peer" in line]
+    match = re.fullmatch(r"lora ours/peer step-time (\S+) memory (\S+) rss (\S+)", ratio)
+    assert match and all(float(v) > 0 for v in match.groups()), ratio

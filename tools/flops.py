@@ -14,9 +14,10 @@ import math
 import re
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")  # a Qwen2.5-VL tower's layers
 
 
-def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=()) -> tuple[float, bool, dict[int, bool]]:
+def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=(), layer=_LAYER) -> tuple[float, bool, dict[int, bool]]:
     """FLOPs of every Linear / Conv2d of `stage` applied to `tokens` positions, fwd + bwd.
 
     The rule, per weight of N values on T tokens: the forward is 2NT. The backward has two
@@ -36,9 +37,9 @@ def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=()) -> tuple[f
 
     groups: dict[float, list[tuple[int, bool]]] = {}
     for name, module in stage.named_modules():
-        if module in skip or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if module in skip or not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             continue
-        match = _LAYER.search(name + ".")
+        match = layer.search(name + ".")
         order = int(match.group(1)) if match else (-1 if "embed" in name else math.inf)
         numel = module.weight.numel()  # a conv's weight, per output position, is a linear map too
         groups.setdefault(order, []).append((numel, module.weight.requires_grad))
@@ -77,6 +78,40 @@ def step_flops(model, batch_size: int, seq_len: int, images: int, supervised: in
     head = llm.get_output_embeddings()
     l_flops, upstream, l_through = _matmul_flops(llm, batch_size * seq_len, upstream, skip=(head,))
     l_attn = _attention_flops(llm.config, l_through, batch_size, seq_len, causal=True)
+    head_flops = (6 if head.weight.requires_grad else 4 if upstream else 2) * head.weight.numel() * supervised
+    parts = {"vision": v_flops + v_attn, "connector": c_flops, "llm": l_flops + l_attn + head_flops}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def qwen2_5_vl_step_flops(model, batch: dict) -> dict[str, float]:
+    """Model FLOPs of one training step of a released Qwen2.5-VL (`model`: the transformers model,
+    LoRA adapters inside its layers) on `batch` (input_ids, labels, image_grid_thw), by the rules
+    of `step_flops`: the tower's weights on every patch (the patch embedding a Conv3d), its
+    attention over windows in most blocks and over each whole image in `fullatt_block_indexes`;
+    the merger on every 2 x 2 group of patches; the LLM on every position, its head on the
+    labelled ones."""
+    from transformers.vision_utils import get_vision_window_index
+
+    visual, llm = model.model.visual, model.model.language_model
+    config, grid = visual.config, batch["image_grid_thw"]
+    patches = int(grid.prod(-1).sum())
+    v_flops, upstream, v_through = _matmul_flops(visual, patches, False, skip=set(visual.merger.modules()), layer=_BLOCK)
+    _, cu_windows = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
+    windows = [int(n) for n in cu_windows.diff()]
+    frames = [int(h * w) for t, h, w in grid.tolist() for _ in range(int(t))]
+    v_attn = sum(
+        4 * config.hidden_size * sum(n * n for n in (frames if block in config.fullatt_block_indexes else windows))
+        * (3 if through else 1)
+        for block, through in v_through.items()
+    )
+    merged = patches // config.spatial_merge_size**2
+    c_flops, upstream, _ = _matmul_flops(visual.merger, merged, upstream)
+    batch_size, seq_len = batch["input_ids"].shape
+    head = model.get_output_embeddings()
+    l_flops, upstream, l_through = _matmul_flops(llm, batch_size * seq_len, upstream, skip=(head,))
+    l_attn = _attention_flops(llm.config, l_through, batch_size, seq_len, causal=True)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
     head_flops = (6 if head.weight.requires_grad else 4 if upstream else 2) * head.weight.numel() * supervised
     parts = {"vision": v_flops + v_attn, "connector": c_flops, "llm": l_flops + l_attn + head_flops}
     parts["total"] = sum(parts.values())

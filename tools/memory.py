@@ -308,20 +308,65 @@ def plan_memory(
             f"seq_len {seq_len} leaves no room for text after {images_per_sample} image(s) of "
             f"{model.num_image_tokens} tokens: every sample would be dropped. Raise --max_length."
         )
+    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing)
+    act = _plan_fixed(model, plan)
+    mask = 1 if next(model.parameters()).device.type == "cuda" else act
+    tokens = batch_size * seq_len
+    vision_kept, connector, upstream_trains = _plan_front(model, plan, batch_size * images_per_sample, act, mask)
+
+    # The LLM: its blocks, then the final norm, the head and the loss.
+    llm = model.llm
+    shape = _shape(llm.config, llm)
+    padded = batch_size > 1 if padded is None else padded  # the collator pads to the longest sample
+    per_block, grad_reaches_head = _llm_blocks(llm, shape, upstream_trains, seq_len, tokens, act, mask, padded)
+    rows = tokens if supervised_tokens is None else supervised_tokens  # where logits are computed
+    if fused_loss is None:
+        fused_loss = model.fused_loss
+    if fused_loss is None:  # not trained yet: fused wherever it may be
+        fused_loss = model.head_may_be_plain()
+    head_bytes, loss_kept, loss_working = _head_and_loss(llm, shape, grad_reaches_head, tokens, rows, act, fused_loss)
+    padding_mask = batch_size * seq_len * seq_len if padded else 0  # the boolean [B, 1, L, L]
+    rotary = any("rotary" in n for n, _ in llm.named_modules())
+    positions = 2 * act * shape.head_dim * seq_len if rotary else 0  # cos, sin: one row per position
+
+    outside = connector + padding_mask + positions  # kept either way
+    # Without checkpointing: everything kept; the peak is at the start of backward, where the
+    # loss's gradients join it.
+    kept = sum(per_block) + vision_kept[False][0] + outside + head_bytes + loss_kept
+    plan.saved_no_ckpt = int(kept)
+    plan.activations_no_ckpt = int(max(kept + loss_working, plan.frozen_tower_forward))
+    # With checkpointing: block inputs kept. Two candidate peaks: the start of backward (as
+    # above), and a block recomputed during backward (the head's tensors are freed by then).
+    kept = act * shape.hidden * tokens * llm.config.num_hidden_layers + vision_kept[True][0] + outside
+    recompute = max(per_block, default=0) + _block_backward_working(shape, act) * tokens
+    plan.saved_ckpt = int(kept + head_bytes + loss_kept)
+    plan.activations_ckpt = int(
+        max(
+            kept + head_bytes + loss_kept + loss_working,
+            kept + recompute,
+            kept + vision_kept[True][1],
+            plan.frozen_tower_forward,
+        )
+    )
+    return plan
+
+
+def _plan_fixed(model, plan: MemoryPlan) -> int:
+    """Weights, gradients and AdamW states into `plan`; returns the bytes per activation element
+    (the frozen weights' float dtype: what the forward computes in)."""
     params = list(model.named_parameters())
     trainable = [p for _, p in params if p.requires_grad]
-    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing)
     plan.weights = weight_bytes(model)
     plan.gradients = sum(p.numel() * p.element_size() for p in trainable)
     plan.optimizer = sum(2 * 4 * p.numel() for p in trainable)  # AdamW: exp_avg, exp_avg_sq in fp32
-
     float_dtypes = [p.dtype for _, p in params if p.dtype.is_floating_point and not p.requires_grad]
-    act = torch.finfo(float_dtypes[0] if float_dtypes else torch.float32).bits // 8
-    mask = 1 if next(model.parameters()).device.type == "cuda" else act
-    tokens = batch_size * seq_len
-    images = batch_size * images_per_sample
+    return torch.finfo(float_dtypes[0] if float_dtypes else torch.float32).bits // 8
 
-    # Vision tower and connector, in front of the LLM.
+
+def _plan_front(model, plan: MemoryPlan, images: int, act: int, mask: int):
+    """The vision tower and the connector, in front of the LLM: ({checkpointing: (kept, recompute
+    working)} of a training tower, the connector's kept bytes, whether anything there trains).
+    A frozen tower's transient no_grad forward goes into `plan.frozen_tower_forward`."""
     vision_trains = any(p.requires_grad for _, p in model.vision.named_parameters())
     connector_trains = any(p.requires_grad for p in model.connector.parameters())
     vshape = _shape(model.vision.encoder.config, model.vision.encoder)
@@ -336,16 +381,16 @@ def plan_memory(
             act * patches * ((layers + 1) * vshape.hidden + 4 * vshape.hidden + 2 * vshape.intermediate)
         )
     connector = _connector_bytes(model, connector_trains, vision_trains, act) * images
-    upstream_trains = vision_trains or connector_trains
+    return vision_kept, connector, vision_trains or connector_trains
 
-    # The LLM: its blocks, then the final norm, the head and the loss.
-    llm = model.llm
+
+def _llm_blocks(llm, shape: _Shape, upstream_trains: bool, seq_len: int, tokens: int, act: int, mask: int,
+                padded: bool) -> tuple[list[float], bool]:
+    """What each LLM block keeps for backward (bytes), and whether a gradient reaches the head."""
     config = llm.config
-    shape = _shape(config, llm)
     blocks = _blocks(llm)
     embeddings_train = llm.get_input_embeddings().weight.requires_grad
     first = 0 if (upstream_trains or embeddings_train) else min(blocks, default=config.num_hidden_layers)
-    padded = batch_size > 1 if padded is None else padded  # the collator pads to the longest sample
     per_block = [
         _block_bytes(shape, blocks.get(index, _Block()), index >= first, seq_len, act, mask, padded) * tokens
         for index in range(config.num_hidden_layers)
@@ -353,22 +398,24 @@ def plan_memory(
     grad_reaches_head = first < config.num_hidden_layers or any(
         p.requires_grad for n, p in llm.named_parameters() if not _LAYER.search(n)
     )
+    return per_block, grad_reaches_head
+
+
+def _head_and_loss(llm, shape: _Shape, grad_reaches_head: bool, tokens: int, rows: int, act: int,
+                   fused_loss: bool) -> tuple[float, float, float]:
+    """(kept by the final norm, the head and the embedding lookup; kept by the loss; the loss's
+    working set at the start of backward), with logits at `rows` positions."""
     head_bytes = 0.0
     if grad_reaches_head:
         head_bytes += (4 * shape.hidden + 4) * tokens  # final norm
     final_norm_trains = any(
         p.requires_grad for n, p in llm.named_parameters() if "norm" in n and not _LAYER.search(n)
     )
-    head = llm.get_output_embeddings()
-    head_trains = head.weight.requires_grad
-    rows = tokens if supervised_tokens is None else supervised_tokens  # where logits are computed
+    head_trains = llm.get_output_embeddings().weight.requires_grad
+    embeddings_train = llm.get_input_embeddings().weight.requires_grad
     head_bytes += act * shape.hidden * tokens * final_norm_trains
     head_bytes += 8 * tokens * embeddings_train  # the embedding lookup keeps its int64 indices
-    vocab = config.vocab_size
-    if fused_loss is None:
-        fused_loss = model.fused_loss
-    if fused_loss is None:  # not trained yet: fused wherever it may be
-        fused_loss = model.head_may_be_plain()
+    vocab = llm.config.vocab_size
     if fused_loss:
         # model/loss.py: the gradient of the head's input is kept from the forward; the logits
         # exist one chunk at a time (fp32, beside the compute dtype's logits or gradient), with
@@ -384,30 +431,7 @@ def plan_memory(
             act * rows * vocab + (4 * rows * vocab if act != 4 else 0),  # logits (+ fp32 copy)
             2 * 4 * rows * vocab,  # backward: d(nll) and d(log_softmax), both fp32
         )
-    padding_mask = batch_size * seq_len * seq_len if padded else 0  # the boolean [B, 1, L, L]
-    rotary = any("rotary" in n for n, _ in llm.named_modules())
-    positions = 2 * act * shape.head_dim * seq_len if rotary else 0  # cos, sin: one row per position
-
-    outside = connector + padding_mask + positions  # kept either way
-    # Without checkpointing: everything kept; the peak is at the start of backward, where the
-    # loss's gradients join it.
-    kept = sum(per_block) + vision_kept[False][0] + outside + head_bytes + loss_kept
-    plan.saved_no_ckpt = int(kept)
-    plan.activations_no_ckpt = int(max(kept + loss_working, plan.frozen_tower_forward))
-    # With checkpointing: block inputs kept. Two candidate peaks: the start of backward (as
-    # above), and a block recomputed during backward (the head's tensors are freed by then).
-    kept = act * shape.hidden * tokens * config.num_hidden_layers + vision_kept[True][0] + outside
-    recompute = max(per_block, default=0) + _block_backward_working(shape, act) * tokens
-    plan.saved_ckpt = int(kept + head_bytes + loss_kept)
-    plan.activations_ckpt = int(
-        max(
-            kept + head_bytes + loss_kept + loss_working,
-            kept + recompute,
-            kept + vision_kept[True][1],
-            plan.frozen_tower_forward,
-        )
-    )
-    return plan
+    return head_bytes, loss_kept, loss_working
 
 
 def _size(nbytes: float) -> str:
