@@ -293,9 +293,11 @@ def test_shipped_chat_templates_are_prefix_stable(tiny_base, path):
     supervised = [text for text, learns in split_supervised(tokenizer, THREE_TURNS) if learns]
     answers = [m["content"] for m in THREE_TURNS if m["role"] == "assistant"]
     assert len(supervised) == len(answers)
+    # A template written for one family's processor ends a turn with that family's token.
+    end_of_turn = {"paligemma.jinja": "<eos>"}.get(os.path.basename(path), tokenizer.eos_token)
     for text, answer in zip(supervised, answers, strict=True):
         assert text.strip().startswith(answer)
-        assert tokenizer.eos_token in text
+        assert end_of_turn in text
         assert "USER" not in text and "user" not in text
     assert ids.count(IMAGE_TOKEN_INDEX) == N_IMAGE
     for k, message in enumerate(THREE_TURNS):
