@@ -6,6 +6,7 @@ would pick instead: transformers' LlavaForConditionalGeneration trained by TRL's
     python -m scripts.bench --shape siglip_so400m_qwen25_05b --peer     # on a GPU (bf16)
     python -m scripts.bench --peer --peer_trainer trainer # the peer through transformers' Trainer
     python -m scripts.bench --shape siglip_so400m_qwen25_05b --dtype bfloat16 --plan_only  # no weights
+    python -m scripts.bench --shape cpu_qwen25vl --peer   # native: one released Qwen2.5-VL, both sides
 
 (from the repository's root, as every script in scripts/ runs).
 
@@ -13,7 +14,10 @@ A shape (configs/shapes/NAME.yaml) is a vision config, an LLM config and a defau
 built once with random weights (seed 0, nothing downloaded) and saved with save_pretrained:
 vision/ and llm/ for ours, llava/ for the peer: the same tensors and the same connector start,
 so both sides load through from_pretrained as a real run does and their losses agree (the table
-prints both sides' first loss and mean training loss).
+prints both sides' first loss and mean training loss). A native shape (`kind: native`) is one
+released model instead (a qwen2_5_vl config): one folder, model and processor, which ours loads
+with --vlm_model (model/released.py, load_base) and the peer with AutoModelForImageTextToText;
+its batches come from the model's own processor and chat template (data/processor_prompt.py).
 
 Both sides run the Trainer's loop (forward, backward, gradient clipping, fused AdamW, zero_grad)
 on the same synthetic batches, which have no padding: ours through VLMTrainer (the project's
@@ -26,8 +30,9 @@ In a process: build, `--warmup_steps` untimed steps, `--steps` timed ones (the m
 is the step time; the process's CPU time per step is shown beside it, which other processes on a
 shared machine do not inflate), then one memory step. Peak memory is counted, not sampled: the
 model's parameters and buffers and the optimizer's states (each storage once) plus the peak of
-tensor bytes that the memory step allocates on top of them (see `StepMemory`). The plan is our
-model's `--dry_run` plan (`tools.memory.plan_memory`) for the same batch. The device's peak
+tensor bytes that the memory step allocates on top of them (see `StepMemory`). Peak RSS is read
+before the memory step, whose profiler allocates too. The plan is our model's `--dry_run` plan
+(`tools.memory.plan_memory`) for the same batch; a native shape has none. The device's peak
 FLOP/s is a large matmul (fp32 on a CPU, bf16 on a GPU) timed in every process; the best counts.
 """
 
@@ -643,8 +648,9 @@ def first_loss(model, collate, batch_size: int, device) -> float:
 
 
 def step_clock(device, timed_end: int):
-    """A TrainerCallback that stamps the end of every step (wall and process CPU time) and counts
-    the memory step, the one after the timed ones (`StepMemory`): `.wall`, `.cpu`, `.step_bytes`."""
+    """A TrainerCallback that stamps the end of every step (wall and process CPU time), reads the
+    peak RSS at the end of the timed steps, and counts the memory step, the one after them
+    (`StepMemory`): `.wall`, `.cpu`, `.rss_bytes`, `.step_bytes`."""
     import gc
 
     from transformers import TrainerCallback
@@ -653,7 +659,7 @@ def step_clock(device, timed_end: int):
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.wall, self.cpu, self.step_bytes = [], [], None
+            self.wall, self.cpu, self.rss_bytes, self.step_bytes = [], [], None, None
 
         def on_step_begin(self, train_args, state, control, **kwargs):
             if state.global_step == timed_end:  # the memory step
@@ -664,6 +670,11 @@ def step_clock(device, timed_end: int):
             _sync(device)
             self.wall.append(time.perf_counter())
             self.cpu.append(time.process_time())
+            if state.global_step == timed_end:
+                # Before the memory step: its profiler records every allocation, and on the
+                # SigLIP-so400m + Qwen2.5-0.5B shape it raised our heap's high water by 645 MiB
+                # (the peer's by 200): the profiler's, not training's, host memory.
+                self.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if state.global_step == timed_end + MEMORY_STEPS:
                 self.step_bytes = memory.stop()
 
@@ -763,9 +774,10 @@ def side_result(args: BenchArguments, side: str, recipe: str, built: Side, train
         # optimizer's states (each storage once: what a GPU allocator holds for them) plus the
         # peak that a training step adds on top of them (gradients, activations, the loss).
         "peak_bytes": weights + states + clock.step_bytes,
-        # The process's peak resident set (host memory): tensors plus libtorch's code, Python and
-        # what glibc keeps after frees. Shown beside the counted peak, for both sides alike.
-        "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # The process's peak resident set (host memory) through the timed steps: tensors plus
+        # libtorch's code, Python, mapped weight files and what glibc keeps after frees. Shown
+        # beside the counted peak, for both sides alike.
+        "rss_bytes": clock.rss_bytes,
         "weight_bytes": weights,
         "state_bytes": states,
         "step_bytes": clock.step_bytes,
