@@ -26,6 +26,10 @@ KNOWN_MODULES = {
     "llm": ("llm", "language_model", "text_model", "lm_head"),
 }
 
+# What else the code must know of a family, here beside the table above: families whose
+# `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
+PREFIX_LM_TYPES = ("paligemma",)
+
 
 def module_table(extra: dict[str, list[str] | None] | None = None) -> dict[str, str]:
     """{module name: component}: the known names plus a config's own (`--vision_modules` ...)."""

@@ -16,13 +16,10 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from model.components import COMPONENTS, component_of, is_under, module_table
+from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, module_table
 from model.quantization import load_kwargs
 from model.vlm import VLMBase, zero_loss_if_all_masked
 from patches import keep_4bit_layout
-
-# Families whose `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
-PREFIX_LM_TYPES = ("paligemma",)
 
 
 def load_processor(args, chat_template_path: str | None = None, need_template: bool = True):
