@@ -118,12 +118,9 @@ def main(argv=None):
         # stage's, so each stage's checkpoint stands alone on the base.
         load_delta(model, train_args.init_from, new_adapters_ok=True)
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
-    if train_args.dry_run and model_args.vlm_model:
-        report(train_args, "memory_plan.txt", "memory plan: not yet for a released VLM (tools/memory.py reads a "
-               "composed model's parts); the freeze table above is what would train.")
-        return
     if train_args.dry_run:
-        # max_length counts image tokens; the plan assumes every batch is padded to it.
+        # max_length counts image tokens; the plan assumes every batch is padded to it (a released
+        # VLM's images at the processor's pixel budget: tools/anatomy.py).
         plan = plan_memory(
             model,
             train_args.per_device_train_batch_size,

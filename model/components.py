@@ -30,6 +30,23 @@ KNOWN_MODULES = {
 # `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
 PREFIX_LM_TYPES = ("paligemma",)
 
+# How many of the tower's patches become one image token in the LLM's sequence, by the config
+# field a family states it in (the memory plan reads it; the processor expands images by it).
+PATCHES_PER_TOKEN_FIELDS = {
+    "spatial_merge_size": lambda v: v * v,  # Qwen2-VL family, in vision_config: a 2x2 merge
+    "scale_factor": lambda v: v * v,  # Idefics3 / SmolVLM's pixel shuffle
+    "downsample_mode": lambda v: int(str(v).rstrip("x")),  # MiniCPM-V 4.6: "16x"
+}
+
+
+def patches_per_image_token(config) -> int:
+    """1 (one token per patch: llava, PaliGemma), or the merge a family's config states."""
+    for holder in (config, getattr(config, "vision_config", None)):
+        for field, merge in PATCHES_PER_TOKEN_FIELDS.items():
+            if getattr(holder, field, None) is not None:
+                return merge(getattr(holder, field))
+    return 1
+
 
 def module_table(extra: dict[str, list[str] | None] | None = None) -> dict[str, str]:
     """{module name: component}: the known names plus a config's own (`--vision_modules` ...)."""

@@ -13,10 +13,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from helpers import tiny_model_args
+from PIL import Image
 from test_freeze import RECIPES, fixed_batch
 
-from config import parse_config
+from config import ModelArguments, parse_config
+from data.processor_prompt import encode_batch
 from model.freeze import apply_freeze_policy
+from model.released import load_processor
 from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
 from tools.memory import format_plan, plan_memory
@@ -216,3 +219,62 @@ def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
     assert "batch 16 x 2048 tokens (576 image + 1472 text)" in result.stdout  # 336 px / 14 = 24^2 patches
     adamw = next(line for line in result.stdout.splitlines() if line.startswith("AdamW states"))
     assert adamw.endswith(" 50.36 GiB")  # 8 bytes x 6.76 B trainable (LLM + projector)
+
+
+# --- a released VLM: the same plan, read through tools/anatomy.py --------------------------------
+
+RELEASED_RECIPES = {
+    "lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+    "full": dict(freeze_llm=False),
+    "vision_lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target="vit"),
+    "full_tower": dict(freeze_vit=False),
+}
+
+
+def released_plan_and_batch(released_vlm, family: str, recipe: str):
+    """(model, batch, plan) for four one-image conversations, the image at the size the plan
+    assumes (Qwen2.5-VL: --max_pixels; the others: the tower's image_size)."""
+    budget = dict(min_pixels=64 * 64, max_pixels=64 * 64) if family == "qwen2_5_vl" else {}
+    args = ModelArguments(vlm_model=released_vlm(family), **RELEASED_RECIPES[recipe], **budget)
+    torch.manual_seed(0)
+    model = load_base(args)
+    apply_freeze_policy(model, args)
+    side = 64 if budget else model.config.vision_config.image_size
+    image = Image.new("RGB", (side, side), (120, 30, 200))
+    turns = [{"role": "user", "content": "<image>\nWhat color is it? Describe it at length."},
+             {"role": "assistant", "content": "purple, a deep and even purple " * 3}]
+    batch = encode_batch(load_processor(args), [(turns, [image])] * 4, prefix_lm=model.prefix_lm)
+    batch_size, seq_len = batch["input_ids"].shape
+    supervised = int((batch["labels"][:, 1:] != -100).sum())  # logits only where a label is
+    plan = plan_memory(model, batch_size, seq_len, False, supervised_tokens=supervised, padded=False)
+    return model, batch, plan
+
+
+@pytest.mark.parametrize("recipe", list(RELEASED_RECIPES))
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm", "paligemma"])
+def test_released_plan_matches_autograd(family, recipe, released_vlm):
+    """The plan's image is the processor's (tokens per image counted in the batch), and what it
+    says autograd keeps is what autograd keeps, tower and connector included when they train.
+    Measured: within 1.5% for llava, smolvlm and paligemma, 6% for qwen2_5_vl's tower."""
+    model, batch, plan = released_plan_and_batch(released_vlm, family, recipe)
+    per_image = int((batch["input_ids"][0] == model.image_token_index).sum())
+    assert plan.image_tokens == per_image
+    measured = saved_by_autograd(model, batch)
+    assert plan.saved_no_ckpt == pytest.approx(measured, rel=0.10), (plan.saved_no_ckpt, measured)
+
+
+def test_released_plan_says_what_it_cannot_model(released_vlm):
+    """MiniCPM-V 4.6's LLM (Qwen3.5) has gated-delta-net layers, which keep state the block model
+    does not know: the plan says so, and its figure is a lower bound."""
+    model, batch, plan = released_plan_and_batch(released_vlm, "minicpmv4_6", "lora")
+    assert any("linear_attention layers (1 of 2)" in note and "lower bound" in note for note in plan.notes)
+    assert "note: the LLM's linear_attention layers" in format_plan(plan)
+    assert plan.saved_no_ckpt < saved_by_autograd(model, batch)
+
+
+def test_released_plan_needs_a_pixel_budget_for_dynamic_resolution(released_vlm):
+    args = ModelArguments(vlm_model=released_vlm("qwen2_5_vl"))
+    model = load_base(args, weights=False)
+    apply_freeze_policy(model, args)
+    with pytest.raises(ValueError, match="--max_pixels"):
+        plan_memory(model, 1, 512, gradient_checkpointing=True)

@@ -45,14 +45,16 @@ def test_released_script_trains_two_steps(script, demo_data, tmp_path_factory):
     assert "'loss'" in result.stdout  # it logged the two steps
 
 
-@pytest.mark.parametrize("shape, config, connector, llm_lora", [
-    # LLaVA-1.5-7B: the mlp2x_gelu projector's 21.0M and LoRA r=128's 319.8M (LLaVA's own figures).
-    ("llava-1.5-7b-hf", "llava_hf_lora", 20_979_712, 319_815_680),
-    ("qwen2.5-vl-7b-instruct", "qwen25vl_lora", 44_574_464, 161_480_704),
+@pytest.mark.parametrize("shape, config, connector, llm_lora, header", [
+    # LLaVA-1.5-7B: the mlp2x_gelu projector's 21.0M and LoRA r=128's 319.8M (LLaVA's own figures);
+    # a 336 px image is 24 x 24 = 576 tokens.
+    ("llava-1.5-7b-hf", "llava_hf_lora", 20_979_712, 319_815_680, "batch 16 x 2048 tokens (576 image + 1472 text)"),
+    # Qwen2.5-VL at the recipe's max_pixels 1,003,520 = 5,120 patches of 14 px, merged 2 x 2: 1,280.
+    ("qwen2.5-vl-7b-instruct", "qwen25vl_lora", 44_574_464, 161_480_704, "batch 4 x 4096 tokens (1280 image + 2816 text)"),
 ])
-def test_a_7b_released_recipe_plans_its_freeze_table_from_configs_alone(shape, config, connector, llm_lora, tmp_path):
+def test_a_7b_released_recipe_plans_from_configs_alone(shape, config, connector, llm_lora, header, tmp_path):
     """--dry_run builds a released VLM on the meta device from its config.json (configs/shapes/):
-    no weights, no download, the recipe's table."""
+    no weights, no download, the recipe's table and its memory plan."""
     result = subprocess.run(
         ["python", "train.py", f"configs/{config}.yaml", "--vlm_model", f"configs/shapes/{shape}", "--dry_run", "true",
          "--report_to", "none", "--output_dir", str(tmp_path)],
@@ -63,3 +65,7 @@ def test_a_7b_released_recipe_plans_its_freeze_table_from_configs_alone(shape, c
             (["vision"], ["connector"], ["llm"])}
     assert rows["vision"][0] == "frozen" and rows["connector"][:3] == ["full", f"{connector:,}", f"{connector:,}"]
     assert rows["llm"][0] == "lora" and rows["llm"][2] == f"{llm_lora:,}"
+    assert header in result.stdout
+    adamw = next(line for line in result.stdout.splitlines() if line.startswith("AdamW states"))
+    assert adamw.endswith(f" {8 * (connector + llm_lora) / 2**30:.2f} GiB")  # two fp32 moments per trainable value
+    assert "activations, checkpointing on" in result.stdout and "note:" not in result.stdout

@@ -20,6 +20,10 @@ the head keeps the gradient of its input from the forward and holds one chunk of
 time; unfused, the loss keeps the fp32 log-softmax of the logits and adds, at the start of
 backward, two more logits-sized fp32 gradients.
 
+Both kinds of base are planned by this one arithmetic: tools/anatomy.py says where a model's
+tower, connector and LLM are and how many tokens an image is (for a released VLM, from its config
+and the processor's pixel budget: the plan then holds the largest image).
+
 Not counted: the framework itself (CUDA context, kernels, Python), allocator fragmentation,
 DeepSpeed/FSDP sharding (the plan is per device, unsharded), and data loading.
 """
@@ -33,11 +37,12 @@ import torch
 from torch import nn
 
 from model.loss import CHUNK_ELEMENTS
+from tools.anatomy import Anatomy, Stack, anatomy
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # a block: `layers.3.` (`blocks.3.`: Qwen2-VL's tower)
 # Linear layers by where their input comes from in a block (Llama, Qwen, Mistral, CLIP, SigLIP).
-_ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv"}
-_ATTN_OUT = {"o_proj", "out_proj", "dense"}  # its input is the attention output, already saved
+_ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "qkv", "query_key_value", "c_attn", "Wqkv"}
+_ATTN_OUT = {"o_proj", "out_proj", "dense", "proj"}  # its input is the attention output, already saved
 _MLP_OUT = {"down_proj", "fc2", "dense_4h_to_h", "w2"}  # its input is the MLP's hidden [., i]
 # Activations whose backward keeps two tensors of the MLP width rather than one.
 _TWO_TENSOR_ACTS = {"quick_gelu"}
@@ -57,6 +62,8 @@ class MemoryPlan:
     saved_no_ckpt: int = 0  # of which autograd keeps at the end of the forward, checkpointing off
     saved_ckpt: int = 0  # and on
     frozen_tower_forward: int = 0  # a frozen tower's no_grad working set (transient, not kept)
+    image: str = ""  # the image size assumed, in words
+    notes: tuple[str, ...] = ()  # what the plan does not model of this model
 
     @property
     def activations(self) -> int:
@@ -147,9 +154,9 @@ def _role(leaf: str) -> str:
     return "mlp_in"
 
 
-def _blocks(tower: nn.Module) -> dict[int, _Block]:
+def _blocks(tower: Stack) -> dict[int, _Block]:
     blocks: dict[int, _Block] = {}
-    for name, param in tower.named_parameters():
+    for name, param in tower.params:
         match = _LAYER.search(name)
         if match and param.requires_grad:
             block = blocks.setdefault(int(match.group(1)), _Block())
@@ -162,7 +169,7 @@ def _blocks(tower: nn.Module) -> dict[int, _Block]:
                 block.norms_train += 1
             elif name.endswith("weight"):
                 block.full.add(_role(leaf))
-    for name, module in tower.named_modules():
+    for name, module in tower.modules:
         match = _LAYER.search(name + ".")
         lora_a = getattr(module, "lora_A", None)
         if not (match and isinstance(lora_a, nn.ModuleDict) and len(lora_a)):
@@ -189,10 +196,11 @@ class _Shape:
     eager: bool  # eager attention keeps the [heads, L, L] probabilities
 
 
-def _shape(config, tower: nn.Module) -> _Shape:
+def _shape(tower: Stack) -> _Shape:
+    config = tower.config
     hidden = config.hidden_size
     heads = config.num_attention_heads
-    names = {n.rsplit(".", 1)[-1] for n, _ in tower.named_modules()}
+    names = {n.rsplit(".", 1)[-1] for n, _ in tower.modules}
     act = getattr(config, "hidden_act", "gelu")
     return _Shape(
         hidden=hidden,
@@ -201,7 +209,7 @@ def _shape(config, tower: nn.Module) -> _Shape:
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or hidden // heads,
         gated="gate_proj" in names or "gate_up_proj" in names,
-        rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in tower.modules()),
+        rms_norm=any(type(m).__name__.endswith("RMSNorm") for _, m in tower.modules),
         act_tensors=2 if act in _TWO_TENSOR_ACTS else 1,
         eager=getattr(config, "_attn_implementation", "sdpa") == "eager",
     )
@@ -249,28 +257,19 @@ def _block_backward_working(s: _Shape, act: int) -> float:
     return act * (2 * s.hidden + (3 if s.gated else 2) * s.intermediate)
 
 
-def _connector_bytes(model, trains: bool, grad_flows: bool, act: int) -> float:
-    """Per image, what the connector keeps."""
-    if not (trains or grad_flows):
-        return 0.0
-    return model.connector.saved_bytes_per_image(trains, act)
-
-
-def _vision_bytes(model, s: _Shape, blocks: dict[int, _Block], images: int, ckpt: bool, act: int, mask: int):
+def _vision_bytes(a: Anatomy, s: _Shape, blocks: dict[int, _Block], images: int, ckpt: bool, act: int, mask: int):
     """(kept, recompute working) for a vision tower that trains."""
-    tokens = images * model.vision.num_patches + images * model.vision.has_cls
-    encoder = model.vision.encoder
-    embeddings_train = any(p.requires_grad for n, p in encoder.named_parameters() if "embeddings" in n)
+    tokens = images * a.tower_tokens
+    embeddings_train = any(p.requires_grad for n, p in a.vision.params if "embed" in n)  # embeddings, patch_embed
     first = 0 if embeddings_train else min(blocks, default=0)
-    num_layers = model.vision.layers_used
+    num_layers = a.vision_layers
     kept = 0.0
     per_block = []
     for index in range(num_layers):
         per_block.append(_block_bytes(s, blocks.get(index, _Block()), index >= first, 0, act, mask) * tokens)
     if embeddings_train:
-        size = model.vision.image_size
-        kept += act * images * 3 * size * size  # the patch convolution keeps the pixels
-    if any("pre_layrnorm" in n for n, _ in encoder.named_modules()):
+        kept += act * images * a.pixel_values  # the patch convolution keeps the pixels
+    if any("pre_layrnorm" in n for n, _ in a.vision.modules):
         kept += (act * s.hidden + 8) * tokens
     working = 0.0
     if ckpt:
@@ -302,31 +301,33 @@ def plan_memory(
     model decided on its first training step, or, before one, wherever it can (a plain linear
     head). A family that changes its logits after the head (Gemma's soft-capping) is found out
     on the first step and keeps the unfused path: plan it with fused_loss=False."""
-    image_tokens = images_per_sample * model.num_image_tokens
+    a = anatomy(model)
+    image_tokens = images_per_sample * a.image_tokens
     if seq_len <= image_tokens:
         raise ValueError(
             f"seq_len {seq_len} leaves no room for text after {images_per_sample} image(s) of "
-            f"{model.num_image_tokens} tokens: every sample would be dropped. Raise --max_length."
+            f"{a.image_tokens} tokens: every sample would be dropped. Raise --max_length."
         )
-    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing)
+    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing, image=a.image, notes=a.notes)
     act = _plan_fixed(model, plan)
     mask = 1 if next(model.parameters()).device.type == "cuda" else act
     tokens = batch_size * seq_len
-    vision_kept, connector, upstream_trains = _plan_front(model, plan, batch_size * images_per_sample, act, mask)
+    vision_kept, connector, upstream_trains = _plan_front(a, plan, batch_size * images_per_sample, act, mask)
 
     # The LLM: its blocks, then the final norm, the head and the loss.
-    llm = model.llm
-    shape = _shape(llm.config, llm)
+    llm = a.llm
+    shape = _shape(llm)
     padded = batch_size > 1 if padded is None else padded  # the collator pads to the longest sample
-    per_block, grad_reaches_head = _llm_blocks(llm, shape, upstream_trains, seq_len, tokens, act, mask, padded)
+    padded = padded or a.prefix_lm  # PaliGemma's prefix mask is a float [B, 1, L, L] either way
+    per_block, grad_reaches_head = _llm_blocks(a, shape, upstream_trains, seq_len, tokens, act, mask, padded)
     rows = tokens if supervised_tokens is None else supervised_tokens  # where logits are computed
     if fused_loss is None:
         fused_loss = model.fused_loss
     if fused_loss is None:  # not trained yet: fused wherever it may be
         fused_loss = model.head_may_be_plain()
-    head_bytes, loss_kept, loss_working = _head_and_loss(llm, shape, grad_reaches_head, tokens, rows, act, fused_loss)
+    head_bytes, loss_kept, loss_working = _head_and_loss(a, shape, grad_reaches_head, tokens, rows, act, fused_loss)
     padding_mask = batch_size * seq_len * seq_len if padded else 0  # the boolean [B, 1, L, L]
-    rotary = any("rotary" in n for n, _ in llm.named_modules())
+    rotary = any("rotary" in n for n, _ in llm.modules)
     positions = 2 * act * shape.head_dim * seq_len if rotary else 0  # cos, sin: one row per position
 
     outside = connector + padding_mask + positions  # kept either way
@@ -363,59 +364,56 @@ def _plan_fixed(model, plan: MemoryPlan) -> int:
     return torch.finfo(float_dtypes[0] if float_dtypes else torch.float32).bits // 8
 
 
-def _plan_front(model, plan: MemoryPlan, images: int, act: int, mask: int):
+def _plan_front(a: Anatomy, plan: MemoryPlan, images: int, act: int, mask: int):
     """The vision tower and the connector, in front of the LLM: ({checkpointing: (kept, recompute
     working)} of a training tower, the connector's kept bytes, whether anything there trains).
     A frozen tower's transient no_grad forward goes into `plan.frozen_tower_forward`."""
-    vision_trains = any(p.requires_grad for _, p in model.vision.named_parameters())
-    connector_trains = any(p.requires_grad for p in model.connector.parameters())
-    vshape = _shape(model.vision.encoder.config, model.vision.encoder)
+    vision_trains, connector_trains = a.vision.trains(), a.connector.trains()
+    vshape = _shape(a.vision)
     if vision_trains:
-        vision_blocks = _blocks(model.vision.encoder)
-        vision_kept = {ckpt: _vision_bytes(model, vshape, vision_blocks, images, ckpt, act, mask) for ckpt in (False, True)}
+        vision_blocks = _blocks(a.vision)
+        vision_kept = {ckpt: _vision_bytes(a, vshape, vision_blocks, images, ckpt, act, mask) for ckpt in (False, True)}
     else:
         vision_kept = {False: (0.0, 0.0), True: (0.0, 0.0)}
-        patches = images * (model.vision.num_patches + model.vision.has_cls)
-        layers = model.vision.layers_used
+        patches = images * a.tower_tokens
         plan.frozen_tower_forward = int(
-            act * patches * ((layers + 1) * vshape.hidden + 4 * vshape.hidden + 2 * vshape.intermediate)
+            act * patches * ((a.vision_layers + 1) * vshape.hidden + 4 * vshape.hidden + 2 * vshape.intermediate)
         )
-    connector = _connector_bytes(model, connector_trains, vision_trains, act) * images
+    # What the connector keeps: nothing unless it trains or a gradient passes through it.
+    connector = a.connector_saved(connector_trains, act) * images if connector_trains or vision_trains else 0.0
     return vision_kept, connector, vision_trains or connector_trains
 
 
-def _llm_blocks(llm, shape: _Shape, upstream_trains: bool, seq_len: int, tokens: int, act: int, mask: int,
+def _llm_blocks(a: Anatomy, shape: _Shape, upstream_trains: bool, seq_len: int, tokens: int, act: int, mask: int,
                 padded: bool) -> tuple[list[float], bool]:
     """What each LLM block keeps for backward (bytes), and whether a gradient reaches the head."""
-    config = llm.config
-    blocks = _blocks(llm)
-    embeddings_train = llm.get_input_embeddings().weight.requires_grad
+    config = a.llm.config
+    blocks = _blocks(a.llm)
+    embeddings_train = a.input_embeddings.weight.requires_grad
     first = 0 if (upstream_trains or embeddings_train) else min(blocks, default=config.num_hidden_layers)
     per_block = [
         _block_bytes(shape, blocks.get(index, _Block()), index >= first, seq_len, act, mask, padded) * tokens
         for index in range(config.num_hidden_layers)
     ]
     grad_reaches_head = first < config.num_hidden_layers or any(
-        p.requires_grad for n, p in llm.named_parameters() if not _LAYER.search(n)
+        p.requires_grad for n, p in a.llm.params if not _LAYER.search(n)
     )
     return per_block, grad_reaches_head
 
 
-def _head_and_loss(llm, shape: _Shape, grad_reaches_head: bool, tokens: int, rows: int, act: int,
+def _head_and_loss(a: Anatomy, shape: _Shape, grad_reaches_head: bool, tokens: int, rows: int, act: int,
                    fused_loss: bool) -> tuple[float, float, float]:
     """(kept by the final norm, the head and the embedding lookup; kept by the loss; the loss's
     working set at the start of backward), with logits at `rows` positions."""
     head_bytes = 0.0
     if grad_reaches_head:
         head_bytes += (4 * shape.hidden + 4) * tokens  # final norm
-    final_norm_trains = any(
-        p.requires_grad for n, p in llm.named_parameters() if "norm" in n and not _LAYER.search(n)
-    )
-    head_trains = llm.get_output_embeddings().weight.requires_grad
-    embeddings_train = llm.get_input_embeddings().weight.requires_grad
+    final_norm_trains = any(p.requires_grad for n, p in a.llm.params if "norm" in n and not _LAYER.search(n))
+    head_trains = a.output_embeddings.weight.requires_grad
+    embeddings_train = a.input_embeddings.weight.requires_grad
     head_bytes += act * shape.hidden * tokens * final_norm_trains
     head_bytes += 8 * tokens * embeddings_train  # the embedding lookup keeps its int64 indices
-    vocab = llm.config.vocab_size
+    vocab = a.llm.config.vocab_size
     if fused_loss:
         # model/loss.py: the gradient of the head's input is kept from the forward; the logits
         # exist one chunk at a time (fp32, beside the compute dtype's logits or gradient), with
@@ -448,6 +446,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"memory plan per device: batch {plan.batch_size} x {plan.seq_len} tokens "
         f"({plan.image_tokens} image + {text} text), AdamW, "
         f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        f"images planned at {plan.image}",
         f"{'item':<38} {'bytes':>12}",
     ]
     for kind, nbytes in sorted(plan.weights.items(), key=lambda kv: -kv[1]):
@@ -464,4 +463,5 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.frozen_tower_forward:
         lines.append(f"{'  frozen tower forward (no_grad)':<38} {_size(plan.frozen_tower_forward):>12}")
     lines.append(f"{'total':<38} {_size(plan.total):>12}")
+    lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
