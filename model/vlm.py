@@ -239,7 +239,7 @@ class VisionLanguageModel(VLMBase):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        """Called by the Trainer for `--gradient_checkpointing true`.
+        """Called by the Trainer for `--activation_checkpointing true` (transformers 5's name for gradient checkpointing).
 
         Always non-reentrant: reentrant checkpointing needs an input that requires grad, which a
         frozen tower does not give ("None of the inputs have requires_grad=True", and vision

@@ -51,7 +51,7 @@ def test_dry_run_prints_table_and_plan_and_trains_nothing(tiny_base, demo_data, 
         "--make_demo_data_if_missing", "false",
         "--per_device_train_batch_size", "3",
         "--max_length", "200",
-        "--gradient_checkpointing", "true",
+        "--activation_checkpointing", "true",
         "--dry_run", "true",
         "--output_dir", out,
     ]
