@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, module_table
 from model.quantization import load_kwargs
-from model.vlm import VLMBase, zero_loss_if_all_masked
+from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
 
 
@@ -155,7 +155,7 @@ class ReleasedVLM(VLMBase):
     @property
     def _no_split_modules(self) -> list[str]:
         """The layer classes FSDP's auto-wrap policy shards one by one, as the model declares them."""
-        return list(getattr(self.base, "_no_split_modules", None) or [])
+        return present_classes(self, list(getattr(self.base, "_no_split_modules", None) or []))
 
     def output_head(self) -> nn.Module:
         return self.base.get_output_embeddings()

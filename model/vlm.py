@@ -108,6 +108,13 @@ class VLMBase(nn.Module):
         return theirs.shape == ours.shape and torch.equal(theirs, ours)
 
 
+def present_classes(model: nn.Module, declared: list[str]) -> list[str]:
+    """The declared layer class names that exist in `model`: accelerate refuses a name it cannot
+    find, and a model declares its relatives' too (llava-hf's CLIP tower: `CLIPTextEmbeddings`)."""
+    present = {type(m).__name__ for m in model.modules()}
+    return sorted(set(declared) & present)
+
+
 def zero_loss_if_all_masked(out, labels):
     if labels is not None and not (labels[:, 1:] != -100).any():
         # Every label masked (after the shift): the loss is 0/0 = NaN, which would poison the
@@ -144,8 +151,7 @@ class VisionLanguageModel(VLMBase):
             *(getattr(self.llm, "_no_split_modules", None) or []),
             *(getattr(self.vision.encoder, "_no_split_modules", None) or []),
         ]
-        present = {type(m).__name__ for m in self.modules()}
-        return sorted(set(declared) & present)
+        return present_classes(self, declared)
 
     def vision_trains(self) -> bool:
         return any(p.requires_grad for p in self.vision.parameters())

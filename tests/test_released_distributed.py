@@ -1,12 +1,13 @@
 """A released VLM (`--vlm_model`, the tiny llava of tools/tiny_vlms.py) under `torchrun` with 2
 ranks on CPU (gloo): DDP where one rank's batch holds no image (it must run the image path, or
-the other rank waits for its gradients forever), DDP with LoRA on the vision tower, and a ZeRO-3
-run whose delta, gathered from shards, loads on one process and answers."""
+the other rank waits for its gradients forever), DDP with LoRA on the vision tower, a ZeRO-3
+run whose delta, gathered from shards, loads on one process and answers, ZeRO-2 and FSDP2."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import torch
@@ -130,3 +131,43 @@ def test_zero3_save_is_whole_and_loads_on_one_process(released_vlm, released_dat
     assert all(torch.equal(params[name], tensor) for name, tensor in delta.items())
     (answer,), tokens = answers(out, released_data["image_folder"])
     assert isinstance(answer, str) and tokens.shape == (1, 4)
+
+
+def test_fsdp2_shards_each_layer_and_saves_a_whole_delta(released_vlm, released_data, tmp_path):
+    """FSDP2 (`fully_shard`) wraps the layer classes the released model declares
+    (`_no_split_modules`): each is its own shard group; the delta and adapter are gathered whole
+    and load on one process."""
+    folder = released_vlm(FAMILY)
+    out = tmp_path / "fsdp2"
+    stdout = torchrun_train(folder, released_data["train"], released_data["image_folder"], out, *LORA,
+                            "--fsdp", "full_shard auto_wrap")
+
+    sharded = re.search(r"FSDP2 \(fully_shard: (\d+) sharded modules\), 2 processes", engine(out))
+    assert sharded, stdout[-2000:]
+    assert int(sharded.group(1)) > 3  # the root, and each decoder and encoder layer
+    delta = load_file(out / DELTA)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = base_parameters(folder)
+    for name, tensor in delta.items():  # whole tensors, as the base holds them
+        assert tensor.shape == base[plain(name)].shape and torch.isfinite(tensor).all(), name
+    assert any(not torch.equal(t, base[plain(n)]) for n, t in delta.items()), "the connector never trained"
+    assert adapter and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+    model, *_ = load_checkpoint(str(out))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[name], tensor) for name, tensor in delta.items())
+
+
+def test_zero2_trains_and_its_delta_loads(released_vlm, released_data, tmp_path):
+    folder = released_vlm(FAMILY)
+    out = tmp_path / "zero2"
+    torchrun_train(folder, released_data["train"], released_data["image_folder"], out, *LORA,
+                   "--deepspeed", os.path.join(REPO_ROOT, "configs", "deepspeed", "zero2.json"))
+
+    assert "ZeRO-2, 2 processes" in engine(out)
+    delta = load_file(out / DELTA)
+    base = base_parameters(folder)
+    assert delta and any(not torch.equal(t, base[plain(n)]) for n, t in delta.items()), "the connector never trained"
+    model, *_ = load_checkpoint(str(out))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[name], tensor) for name, tensor in delta.items())
