@@ -18,6 +18,9 @@ transformers, accelerate, bitsandbytes, TRL or datasets.
 5. `dataset_fingerprint`: datasets 5.2 exposes a dataset's content hash only as `_fingerprint`.
 6. `torch_default_chunk_rows`: torch 2.14's `LinearCrossEntropyOptions` picks its default chunk
    in a private `_adjust` (the loss benchmark reports it).
+7. `processor_image_tokens`: transformers 5.23's processors state how many tokens an image of a
+   given size expands into only as `_get_num_multimodal_tokens` (what serving engines read); the
+   data check counts a released VLM's samples with it.
 """
 
 from __future__ import annotations
@@ -123,3 +126,14 @@ def torch_default_chunk_rows(rows: int, hidden: int, vocab: int, dtype, device) 
 def dataset_fingerprint(dataset) -> str:
     """The content hash datasets keeps for a dataset (changes whenever its rows do)."""
     return dataset._fingerprint
+
+
+def processor_image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int] | None:
+    """Tokens each image of `sizes` ((height, width), in order) expands into, as the processor
+    counts them with its own settings (pixel budget, tiling); None where the processor does not
+    say (SmolVLM's and MiniCPM-V 4.6's in transformers 5.23)."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None or not sizes:
+        return None
+    counts = getattr(count(image_sizes=list(sizes)), "num_image_tokens", None)
+    return list(counts) if counts is not None and len(counts) == len(sizes) else None

@@ -17,7 +17,7 @@ from transformers import TrainerState, set_seed
 from config import parse_config, save_resolved_config
 from data.dataset import Collator, SupervisedDataset, read_records
 from data.messages import use_messages_dataset
-from data.processor_prompt import ProcessorCollator, ProcessorDataset, ProcessorTemplate
+from data.processor_prompt import ImageTokenCount, ProcessorCollator, ProcessorDataset, ProcessorTemplate
 from data.sampler import modality_length_sampler
 from data.validate import check_training_data
 from model.build import load_processors
@@ -49,15 +49,16 @@ def training_data(model, model_args, data_args, train_args):
     tokenizes with its LLM's tokenizer and our `<image>` expansion; a released VLM builds every
     sample with its own processor (data/processor_prompt.py), returned as (processor, None). The
     check before step 1 reads records the same way."""
+    image_tokens = None  # a composed base's image is always model.num_image_tokens long
     if model_args.vlm_model:
         processor = load_processor(model_args, data_args.chat_template)
-        tokenizer = ProcessorTemplate(processor)
+        tokenizer, image_tokens = ProcessorTemplate(processor), ImageTokenCount(processor)
     else:
         tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
     with train_args.main_process_first(desc="data check"):
         skip = check_training_data(
             data_args, tokenizer, model.num_image_tokens, model.image_token_index,
-            train_args.output_dir if train_args.should_save else None,
+            train_args.output_dir if train_args.should_save else None, image_tokens,
         )
     if model_args.vlm_model:
         records = read_records(data_args.data_path, skip)

@@ -13,11 +13,20 @@ which tokens are supervised): the expansion only inserts tokens, at the image pl
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from data.dataset import record_messages
 from data.media import load_record_media
-from data.prompt import IGNORE_INDEX, IMAGE_MARKER, SampleTooLong, TemplateMismatch, split_supervised
+from data.prompt import (
+    IGNORE_INDEX,
+    IMAGE_MARKER,
+    SampleTooLong,
+    TemplateMismatch,
+    split_supervised,
+    tokenize_conversation,
+)
 from data.records import DataError
+from patches import processor_image_tokens
 
 # Inputs of one token per position: cut with input_ids. Everything else the processor returns
 # (pixel_values, grid sizes, image masks) is per image, batched the family's own way.
@@ -143,10 +152,41 @@ def _fit(batch: dict, max_length: int | None, image_token: int | None) -> dict:
     return {k: v[:, :max_length] if k in SEQUENCE_KEYS or k == "labels" else v for k, v in batch.items()}
 
 
+class ImageTokenCount:
+    """How many tokens the processor expands each image into, by the image's size alone, with
+    the processor's own settings (its pixel budget, its tiles): the data check's length of a
+    released VLM's sample before step 1. None where the processor does not say (SmolVLM's and
+    MiniCPM-V 4.6's): there each image counts as one token, and a batch that will not fit stops
+    at collation, naming its records.
+
+    Some processors also add tokens of their own to a sample (PaliGemma: a BOS after the image
+    and a newline after the prompt): measured once on a probe sample, and counted with the first
+    image, so that a sample is exactly as long here as the processor makes it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.settings = processor.image_processor.to_json_string()  # in the data check's cache key
+        self.per_sample = self._added_by_processor()
+
+    def __call__(self, sizes: list[tuple[int, int]]) -> list[int] | None:
+        counts = processor_image_tokens(self.processor, sizes)
+        return counts and [counts[0] + self.per_sample, *counts[1:]]
+
+    def _added_by_processor(self) -> int:
+        size = 64
+        counts = processor_image_tokens(self.processor, [(size, size)])
+        if counts is None or not self.processor.chat_template:
+            return 0
+        messages = [{"role": "user", "content": IMAGE_MARKER + "\nWhat is it?"}, {"role": "assistant", "content": "It is."}]
+        ids, _ = tokenize_conversation(ProcessorTemplate(self.processor), messages, 1, self.processor.image_token_id)
+        made = encode_batch(self.processor, [(messages, [Image.new("RGB", (size, size))])])
+        return made["input_ids"].shape[1] - (len(ids) - 1 + counts[0])
+
+
 class ProcessorDataset(torch.utils.data.Dataset):
     """Records -> (messages, images) pairs; `ProcessorCollator` makes a batch of them with the
-    model's processor (its image expansion needs the images, so a sample's token count is known
-    only then; the data check before step 1 has opened every image and counted the text)."""
+    model's processor (the data check before step 1 has opened every image and, where the
+    processor states it, counted each image's tokens: `ImageTokenCount`)."""
 
     def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8):
         self.records, self.image_folder, self.num_frames = records, image_folder, num_frames

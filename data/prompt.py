@@ -164,14 +164,31 @@ def tokenize_conversation(
         ids = _tokenize_piece(tokenizer, text, num_image_tokens, image_token_index)
         input_ids += ids
         labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-    if max_length is not None and len(input_ids) > max_length:
-        last_image = max((i for i, t in enumerate(input_ids) if t == image_token_index), default=-1)
-        if last_image >= max_length or all(label == IGNORE_INDEX for label in labels[:max_length]):
-            raise SampleTooLong(
-                f"{len(input_ids)} tokens (image tokens included) > --max_length {max_length}."
-            )
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return input_ids, labels
+    return fit_length(input_ids, labels, image_token_index, max_length)
+
+
+def fit_length(input_ids: list[int], labels: list[int], image_token_index: int, max_length: int | None):
+    """(input_ids, labels) cut to `max_length` if every image token and at least one label
+    survive; otherwise `SampleTooLong`."""
+    if max_length is None or len(input_ids) <= max_length:
+        return input_ids, labels
+    last_image = max((i for i, t in enumerate(input_ids) if t == image_token_index), default=-1)
+    if last_image >= max_length or all(label == IGNORE_INDEX for label in labels[:max_length]):
+        raise SampleTooLong(f"{len(input_ids)} tokens (image tokens included) > --max_length {max_length}.")
+    return input_ids[:max_length], labels[:max_length]
+
+
+def expand_images(input_ids: list[int], labels: list[int], image_token_index: int, counts: list[int]):
+    """(input_ids, labels) with the k-th image token repeated `counts[k]` times: a released VLM's
+    sample as its processor will expand it (each image one token before), for its length."""
+    ids: list[int] = []
+    out: list[int] = []
+    images = iter(counts)
+    for token, label in zip(input_ids, labels, strict=True):
+        repeat = next(images, 1) if token == image_token_index else 1
+        ids += [token] * repeat
+        out += [label] * repeat
+    return ids, out
 
 
 def tokenize_prompt(tokenizer, messages: list[dict], num_image_tokens: int, image_token_index: int) -> list[int]:

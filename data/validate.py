@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,12 +41,14 @@ from data.prompt import (
     SampleTooLong,
     TemplateMismatch,
     check_fully_masked_share,
+    expand_images,
+    fit_length,
     llava_to_messages,
     tokenize_conversation,
 )
 from data.records import DataError, iter_records
 
-VERSION = 3  # part of the cache key: a change of the checks re-checks every file
+VERSION = 4  # part of the cache key: a change of the checks re-checks every file
 
 # What each kind of problem does: "fatal" stops training whatever the flags (the file or the
 # template is wrong, not a record); "error" stops it unless --skip_bad_samples; "dropped" is
@@ -303,28 +306,46 @@ def _record_media(record: dict, image_folder: str | None, num_frames: int) -> tu
         return [], 0, [*problems, ("bad_video", str(e))]
 
 
+# A released VLM's image expansion by image size: [(height, width)] -> tokens per image, or None
+# where its processor does not say (`data.processor_prompt.ImageTokenCount`; its `settings`
+# string is part of the cache key).
+ImageTokenCounter = Callable[[list[tuple[int, int]]], list[int] | None]
+
+
 @dataclass
 class _LabelCheck:
     """Tokenizes records as training does: too long, no supervised token, and the template
-    problems that concern the file as a whole (the first mismatch; most samples fully masked)."""
+    problems that concern the file as a whole (the first mismatch; most samples fully masked).
+    `image_tokens`: a released VLM's count per image size, so that a sample is as long here as its
+    processor will make it (without it, each image is `num_image_tokens` long)."""
 
     tokenizer: object
     num_image_tokens: int
     image_token_index: int
     max_length: int
+    image_tokens: ImageTokenCounter | None = None
     template_error: Problem | None = None
     num_tokenized: int = 0
     num_fully_masked: int = 0
 
-    def check(self, raw, num_images: int, num_video_frames: int) -> tuple[str, str] | None:
-        """(kind, reason) when this record cannot train as it is."""
+    def check(self, raw, num_images: int, num_video_frames: int, sizes: list | None = None) -> tuple[str, str] | None:
+        """(kind, reason) when this record cannot train as it is. `sizes`: its images' (height,
+        width), in order."""
         if self.template_error:
             return None  # the template is wrong for every record: tokenizing more says nothing
         messages = llava_to_messages(raw.record["conversations"], num_images, num_video_frames)
+        known = self.image_tokens and sizes and all(sizes) and not num_video_frames
+        counts = self.image_tokens(sizes) if known else None
         try:
-            _, labels = tokenize_conversation(
-                self.tokenizer, messages, self.num_image_tokens, self.image_token_index, self.max_length
+            ids, labels = tokenize_conversation(
+                self.tokenizer, messages, self.num_image_tokens, self.image_token_index,
+                None if counts else self.max_length,
             )
+            if counts and ids.count(self.image_token_index) == len(counts):
+                fit_length(*expand_images(ids, labels, self.image_token_index, counts), self.image_token_index,
+                           self.max_length)
+            elif counts:  # an image placeholder the text does not show once per image: as before
+                fit_length(ids, labels, self.image_token_index, self.max_length)
         except SampleTooLong as e:
             return "too_long", f"too long: {e} Dropped: cutting would lose image tokens or every answer."
         except TemplateMismatch as e:
@@ -345,20 +366,35 @@ class _LabelCheck:
         return problems
 
 
-def _check_media_files(users: dict[str, list], num_frames: int, num_workers: int) -> list[Problem]:
+def _check_media_files(users: dict[str, list], num_frames: int, num_workers: int,
+                       sizes: bool = False) -> tuple[list[Problem], dict[str, tuple[int, int]]]:
     """Decodes every image and video once (`num_workers` threads); a bad one is a problem of
-    each record in `users[path]` (path -> the records that use it)."""
+    each record in `users[path]` (path -> the records that use it). With `sizes`, also each good
+    image's (height, width) as training sees it."""
     paths = sorted(users)
-    problems = []
+    problems, found = [], {}
+
+    def check(path: str):
+        if is_video_file(path):
+            return check_video_file(path, num_frames), None
+        problem = check_image(path)
+        return problem, image_size(path) if sizes and problem is None else None
+
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        checks = pool.map(
-            lambda path: check_video_file(path, num_frames) if is_video_file(path) else check_image(path),
-            paths,
-        )
-        for path, result in zip(paths, checks, strict=True):
+        for path, (result, size) in zip(paths, pool.map(check, paths), strict=True):
             if result is not None:
                 problems += [Problem.for_record(raw, *result) for raw in users[path]]
-    return problems
+            if size is not None:
+                found[path] = size
+    return problems, found
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as `load_image` returns it (EXIF-rotated), from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    return (width, height) if rotated else (height, width)
 
 
 def validate_data_file(
@@ -370,9 +406,11 @@ def validate_data_file(
     image_folder: str | None,
     num_workers: int = 4,
     num_frames: int = 8,
+    image_tokens: ImageTokenCounter | None = None,
 ) -> Report:
     """Reads, checks and tokenizes every record and decodes every image (once, `num_workers`
-    threads). The report lists each problem with the record's position, line or index and id."""
+    threads). The report lists each problem with the record's position, line or index and id.
+    `image_tokens`: a released VLM's tokens per image size (see `_LabelCheck`)."""
     report = Report(data_path)
     try:
         raws = list(iter_records(data_path))
@@ -382,7 +420,8 @@ def validate_data_file(
     report.num_records = len(raws)
     first_seen: dict[str, str] = {}
     users: dict[str, list] = {}  # media path -> records using it
-    labels = _LabelCheck(tokenizer, num_image_tokens, image_token_index, max_length)
+    labels = _LabelCheck(tokenizer, num_image_tokens, image_token_index, max_length, image_tokens)
+    to_tokenize = []  # (raw, media paths, video frames) of records whose media is as the text says
     for raw in raws:
         if raw.error is not None:
             report.problems.append(Problem.for_record(raw, raw.error_kind, raw.error))
@@ -396,11 +435,15 @@ def validate_data_file(
         for path in paths:
             users.setdefault(path, []).append(raw)
         report.problems += [Problem.for_record(raw, kind, reason) for kind, reason in problems]
-        label_problem = None if problems else labels.check(raw, len(paths), num_video_frames)
+        if not problems:
+            to_tokenize.append((raw, paths, num_video_frames))
+    media_problems, sizes = _check_media_files(users, num_frames, num_workers, sizes=image_tokens is not None)
+    for raw, paths, num_video_frames in to_tokenize:
+        label_problem = labels.check(raw, len(paths), num_video_frames, [sizes.get(p) for p in paths])
         if label_problem:
             report.problems.append(Problem.for_record(raw, *label_problem))
     report.problems += labels.file_problems()
-    report.problems += _check_media_files(users, num_frames, num_workers)
+    report.problems += media_problems
     report.problems.sort(key=lambda p: (p.position is not None, p.position or 0))
     return report
 
@@ -422,14 +465,14 @@ def _file_sha256(path: str) -> str:
 
 
 def cache_key(data_path: str, tokenizer, num_image_tokens, image_token_index, max_length, image_folder,
-              num_frames) -> str:
+              num_frames, image_tokens: ImageTokenCounter | None = None) -> str:
     """sha256 of the data file and of every setting the checks depend on. (Images edited in
     place after a check are not seen: delete the cache folder to check again.)"""
     settings = {
         "version": VERSION,
         "data": _file_sha256(data_path),
         "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
-        "image_tokens": [num_image_tokens, image_token_index],
+        "image_tokens": [num_image_tokens, image_token_index, getattr(image_tokens, "settings", None)],
         "max_length": max_length,
         "num_frames": num_frames,
         "image_folder": os.path.abspath(image_folder or "."),
@@ -440,18 +483,19 @@ def cache_key(data_path: str, tokenizer, num_image_tokens, image_token_index, ma
 
 
 def validate_cached(data_path, tokenizer, num_image_tokens, image_token_index, max_length, image_folder,
-                    cache_dir: str | None = None, num_frames: int = 8) -> Report:
+                    cache_dir: str | None = None, num_frames: int = 8,
+                    image_tokens: ImageTokenCounter | None = None) -> Report:
     """`validate_data_file`, or its stored report when this file was checked with the same
     settings before."""
     settings = (tokenizer, num_image_tokens, image_token_index, max_length, image_folder)
     if not os.path.isfile(data_path):
-        return validate_data_file(data_path, *settings, num_frames=num_frames)
-    key = cache_key(data_path, *settings, num_frames)
+        return validate_data_file(data_path, *settings, num_frames=num_frames, image_tokens=image_tokens)
+    key = cache_key(data_path, *settings, num_frames, image_tokens)
     cache_file = os.path.join(cache_dir or default_cache_dir(), key + ".json")
     if os.path.isfile(cache_file):
         with open(cache_file) as f:
             return Report.from_json(json.load(f))
-    report = validate_data_file(data_path, *settings, num_frames=num_frames)
+    report = validate_data_file(data_path, *settings, num_frames=num_frames, image_tokens=image_tokens)
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     with open(cache_file + ".tmp", "w") as f:
         json.dump(report.to_json(), f)
@@ -471,15 +515,17 @@ def write_skipped(path: str, problems: list[Problem]) -> None:
         f.writelines(json.dumps(row) + "\n" for _, row in sorted(by_record.items()))
 
 
-def check_training_data(data_args, tokenizer, num_image_tokens, image_token_index, output_dir=None) -> set[int]:
+def check_training_data(data_args, tokenizer, num_image_tokens, image_token_index, output_dir=None,
+                        image_tokens: ImageTokenCounter | None = None) -> set[int]:
     """The check train.py runs before step 1 (`--validate_data true`, the default). Returns the
     positions of the records to leave out; raises `DataError` when training must not start.
-    `output_dir`: where skipped_records.jsonl goes (None on ranks that do not save)."""
+    `output_dir`: where skipped_records.jsonl goes (None on ranks that do not save);
+    `image_tokens`: a released VLM's tokens per image size."""
     if not data_args.validate_data:
         return set()
     report = validate_cached(
         data_args.data_path, tokenizer, num_image_tokens, image_token_index, data_args.max_length,
-        data_args.image_folder, data_args.data_check_cache, data_args.num_frames,
+        data_args.image_folder, data_args.data_check_cache, data_args.num_frames, image_tokens,
     )
     print(report.summary())
     for problem in report.of("warning")[:10]:

@@ -7,10 +7,14 @@ label), 0 otherwise (too-long records are dropped, duplicate ids only warned).
         --llm_model lmsys/vicuna-7b-v1.5 --vision_model openai/clip-vit-large-patch14-336 \
         --chat_template configs/chat_templates/vicuna_v1.jinja --max_length 2048
 
+    python -m scripts.check_data --data_path train.jsonl --image_folder images/ \
+        --vlm_model Qwen/Qwen2.5-VL-7B-Instruct --max_pixels 1003520 --max_length 4096
+
 (from the repository's root, as every script in scripts/ runs).
 
 The tokenizer and image-token count come from the two bases (the tower is built on the meta
-device: no weights are read), exactly as train.py would use them.
+device: no weights are read), or from a released VLM's processor (its template, and its count
+of tokens per image size), exactly as train.py would use them.
 """
 
 import sys
@@ -21,9 +25,11 @@ from transformers import AutoConfig, HfArgumentParser
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from config import DataArguments, ModelArguments
+from data.processor_prompt import ImageTokenCount, ProcessorTemplate
 from data.validate import validate_data_file
 from model.build import load_processors
 from model.connectors import CONNECTORS
+from model.released import load_processor
 from model.vision import VisionTower
 from model.vlm import IMAGE_TOKEN_INDEX
 
@@ -44,15 +50,26 @@ def num_image_tokens(args: ModelArguments) -> int:
     return connector.num_tokens
 
 
+def how_records_are_read(model_args: ModelArguments, data_args: DataArguments):
+    """(tokenizer, image tokens per image, image token id, tokens per image size or None), as
+    train.py's data check reads records: a released VLM through its processor (each image as
+    many tokens as the processor makes of its size), a composed base with a fixed count."""
+    if model_args.vlm_model:
+        processor = load_processor(model_args, data_args.chat_template)
+        return ProcessorTemplate(processor), 1, processor.image_token_id, ImageTokenCount(processor)
+    tokenizer, _ = load_processors(model_args, data_args.chat_template)
+    return tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX, None
+
+
 def main(argv=None) -> int:
     parser = HfArgumentParser((ModelArguments, DataArguments, CheckArguments), allow_abbrev=False)
     model_args, data_args, check_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.data_path is None:
         parser.error("--data_path is required")
-    tokenizer, _ = load_processors(model_args, data_args.chat_template)
+    tokenizer, image_count, image_token, image_tokens = how_records_are_read(model_args, data_args)
     report = validate_data_file(
-        data_args.data_path, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX,
-        data_args.max_length, data_args.image_folder, check_args.num_workers, data_args.num_frames,
+        data_args.data_path, tokenizer, image_count, image_token, data_args.max_length, data_args.image_folder,
+        check_args.num_workers, data_args.num_frames, image_tokens=image_tokens,
     )
     for problem in report.problems:
         print(f"{problem.severity}: {problem.kind}: {problem}")
