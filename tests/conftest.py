@@ -17,18 +17,22 @@ for path in (REPO_ROOT, TESTS_DIR):  # the repo's modules, and `from helpers imp
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import tiny_model_args  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from tools.synthetic import make_demo_dataset, vocabulary  # noqa: E402
 from tools.tiny_base import make_tiny_base  # noqa: E402
+from tools.tiny_vlms import make_tiny_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Matrices as small as the tiny base's run ~50x slower on 2 OpenMP threads when the cores
     are shared (subprocess runs of train.py keep torch's default)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,16 +62,12 @@ def demo_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base):
     """The tiny base's tokenizer. Shared: tests that change it must work on a copy."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(tiny_base["llm"])
 
 
 @pytest.fixture
 def model_args(tiny_base):
     """`model_args(**overrides)` -> ModelArguments on the tiny CLIP base (see helpers.tiny_model_args)."""
-    from helpers import tiny_model_args
-
     return lambda **overrides: tiny_model_args(tiny_base, **overrides)
 
 
@@ -76,8 +76,6 @@ def released_vlm(tmp_path_factory):
     """`released_vlm(family, seed=0)` -> folder of a tiny released VLM (tools/tiny_vlms.py: the
     family's config at toy size, seeded random weights, saved with save_pretrained), built once per
     (family, seed) in this session. Same seed, same weights; another seed, same config."""
-    from tools.tiny_vlms import make_tiny_vlm
-
     root = tmp_path_factory.mktemp("released_vlms")
     return lambda family, seed=0: make_tiny_vlm(family, str(root / f"{family}-{seed}"), seed=seed)
 
@@ -86,8 +84,6 @@ def released_vlm(tmp_path_factory):
 def released_data(tmp_path_factory) -> dict:
     """{"train", "eval", "mixed": json, "image_folder": dir}: 8 + 2 synthetic shape records (1-2
     turns each), and `mixed`: one of those image records plus one text-only record."""
-    import json
-
     root = tmp_path_factory.mktemp("released_data")
     paths = make_demo_dataset(str(root), train_size=8, eval_size=2)
     with open(paths["train"]) as f:

@@ -3,10 +3,10 @@ row of fields; the speed itself is measured by hand (README, "Data"), never asse
 
 from __future__ import annotations
 
+from scripts import bench_data
+
 
 def test_bench_data_prints_its_row(demo_data, tiny_base, capsys):
-    from scripts import bench_data
-
     bench_data.main([
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--llm_model", tiny_base["llm"], "--vision_model", tiny_base["vision"], "--max_length", "256",

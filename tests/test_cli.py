@@ -17,11 +17,13 @@ from importlib.metadata import version
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 import cli
 import config
 from config import ConfigError, TrainArguments, parse_config
+from data.records import DataError
 from run import environment
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,8 +281,6 @@ def test_vlm_debug_shows_the_traceback():
 
 
 def test_run_main_exits_2_on_user_errors_only(capsys, monkeypatch):
-    from data.records import DataError
-
     monkeypatch.delenv("VLM_DEBUG", raising=False)
 
     def raising(error):
@@ -366,8 +366,6 @@ def test_a_wandb_run_without_a_login_trains_and_logs_offline(tiny_base, demo_dat
 
 
 def test_a_launch_script_defaults_nproc_to_the_gpus_and_stops_cleanly_on_a_user_error():
-    import torch
-
     env = {k: v for k, v in USER_ENV.items() if k != "NPROC"}
     result = subprocess.run(
         ["bash", os.path.join(REPO_ROOT, "scripts", "llava15_lora.sh"), "--learnig_rate", "1"],

@@ -42,7 +42,7 @@ class ToyConnector(nn.Module):
 def test_a_new_connector_is_one_file_and_one_line(tiny_base, tmp_path, monkeypatch):
     (tmp_path / "toy_connector.py").write_text(textwrap.dedent(TOY))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import toy_connector
+    import toy_connector  # local: the module is the file written just above, importable only now
 
     with pytest.raises(ConfigError, match="mlp2x_gelu, resampler"):
         tiny_model_args(tiny_base, connector="toy")

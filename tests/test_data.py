@@ -12,15 +12,19 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import save_video
+import transformers.video_utils
+from helpers import save_video, tiny_model_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
+import data.validate as validate
+import infer
+import train
 from config import DataArguments
 from data.dataset import Collator, SupervisedDataset, read_records
-from data.media import ImageError, load_image, video_frame_paths
+from data.media import ImageError, load_image, load_video_frames, video_frame_paths, video_length
 from data.prompt import (
     IGNORE_INDEX,
     IMAGE_MARKER,
@@ -30,8 +34,10 @@ from data.prompt import (
     tokenize_prompt,
 )
 from data.records import DataError
-from data.validate import check_training_data, validate_cached, validate_data_file
-from run.predict import first_question
+from data.validate import check_conversation, check_training_data, validate_cached, validate_data_file
+from run.checkpoint import load_checkpoint
+from run.predict import first_question, generate_answers, predict_records
+from scripts import check_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOKEN = -200
@@ -422,8 +428,6 @@ def test_skip_bad_samples_trains_on_the_rest_and_lists_the_skipped(
 
 
 def test_the_check_is_cached_by_file_hash(tmp_path, folder, tiny_tokenizer, monkeypatch):
-    import data.validate as validate
-
     path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("b", image="nope.png")])
     args = (tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256, folder, str(tmp_path / "cache"))
     first = validate_cached(path, *args)
@@ -453,8 +457,6 @@ def test_check_data_script_lists_every_problem_and_exits_1(tmp_path, folder, tin
 
 
 def test_check_data_script_passes_good_data(demo_data, tiny_base, capsys):
-    from scripts import check_data
-
     code = check_data.main([
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--llm_model", tiny_base["llm"], "--vision_model", tiny_base["vision"], "--max_length", "256",
@@ -465,8 +467,6 @@ def test_check_data_script_passes_good_data(demo_data, tiny_base, capsys):
 
 
 def tiny_model_args_for(tiny_base):
-    from helpers import tiny_model_args
-
     return tiny_model_args(tiny_base)
 
 
@@ -566,8 +566,6 @@ def test_exactly_the_answers_learn(tiny_tokenizer, sample):
 
 
 def check_conversation_ok(turns, num_images) -> bool:
-    from data.validate import check_conversation
-
     return check_conversation(turns, num_images) == []
 
 
@@ -648,8 +646,6 @@ def frame_number(image) -> int:
 
 
 def test_video_file_frames_are_sampled_uniformly(tmp_path):
-    from data.media import load_video_frames, video_length
-
     clip = save_video(str(tmp_path / "clip.mp4"), 6)
     assert video_length(clip, 3) == 3 and video_length(clip, 50) == 6  # read from the header
     # Middles of 3 equal segments of 6 frames, as for a folder of frames.
@@ -693,10 +689,6 @@ def test_bad_video_files_name_the_record(check, tmp_path, folder, how, named):
 def test_a_video_file_that_decodes_short_is_refused(tmp_path, monkeypatch):
     """A file whose header declares more frames than decode (cut mid-stream): the prompt would
     hold more <image> blocks than frames, so it is an error, never a crash mid-training."""
-    import transformers.video_utils
-
-    from data.media import load_video_frames
-
     clip = save_video(str(tmp_path / "clip.mp4"), 6)
     real = transformers.video_utils.load_video
     monkeypatch.setattr(transformers.video_utils, "load_video", lambda *a, **k: (real(*a, **k)[0][:1], None))
@@ -713,8 +705,6 @@ RED, BLUE = (220, 40, 40), (40, 70, 220)
 def mixed_run(tiny_base, tmp_path_factory):
     """train.py on one record of each kind plus a bad one: refused, then trained with
     --skip_bad_samples (three steps of two: every record goes through forward and backward)."""
-    import train
-
     root = tmp_path_factory.mktemp("mixed")
     media = str(root / "media")
     save_image(os.path.join(media, "red.png"), size=(48, 48), color=RED)
@@ -761,14 +751,10 @@ def test_train_refuses_bad_data_and_skip_bad_samples_trains_on_the_rest(mixed_ru
 
 @pytest.fixture(scope="module")
 def mixed_checkpoint(mixed_run):
-    from run.checkpoint import load_checkpoint
-
     return load_checkpoint(mixed_run["out"])
 
 
 def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
-    from run.predict import predict_records
-
     model, tokenizer, image_processor, _ = mixed_checkpoint
     records = read_records(mixed_run["data"], skip={5})
     prompts = {r["id"]: first_question(r, mixed_run["media"], num_frames=2) for r in records}
@@ -782,17 +768,13 @@ def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
 
 
 def spy_on_generation(monkeypatch):
-    import infer
-
     calls = []
     monkeypatch.setattr(infer, "generate_answers", lambda model, tok, proc, prompts, n: calls.append(prompts) or ["ok"])
-    return infer, calls
+    return calls
 
 
 def test_infer_takes_several_images_in_order(mixed_run, mixed_checkpoint, monkeypatch, capsys):
-    from run.predict import generate_answers
-
-    infer, calls = spy_on_generation(monkeypatch)
+    calls = spy_on_generation(monkeypatch)
     red, blue = (os.path.join(mixed_run["media"], n) for n in ("red.png", "blue.png"))
     infer.main(["--checkpoint", mixed_run["out"], "--image", red, blue, "--prompt", "What color are the shapes?"])
     ((messages, images),) = calls[0]
@@ -808,7 +790,7 @@ def test_infer_takes_several_images_in_order(mixed_run, mixed_checkpoint, monkey
 
 
 def test_infer_takes_a_video(mixed_run, monkeypatch):
-    infer, calls = spy_on_generation(monkeypatch)
+    calls = spy_on_generation(monkeypatch)
     clip = os.path.join(mixed_run["media"], "clip")
     infer.main(["--checkpoint", mixed_run["out"], "--video", clip, "--num_frames", "2", "--prompt", "What color?"])
     ((messages, images),) = calls[0]
@@ -817,9 +799,7 @@ def test_infer_takes_a_video(mixed_run, monkeypatch):
 
 
 def test_infer_takes_a_video_file(mixed_run, mixed_checkpoint, monkeypatch):
-    from run.predict import generate_answers
-
-    infer, calls = spy_on_generation(monkeypatch)
+    calls = spy_on_generation(monkeypatch)
     movie = os.path.join(mixed_run["media"], "movie.mp4")
     infer.main(
         ["--checkpoint", mixed_run["out"], "--video", movie, "--num_frames", "3", "--prompt", "What color?"]

@@ -15,7 +15,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
+from config import parse_config
 from run.checkpoint import DELTA, load_checkpoint, read_manifest
 from tests.helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, torchrun_train
 
@@ -112,10 +114,7 @@ def test_init_from_writes_the_parent_delta_into_zero3_shards(
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_deepspeed_configs_pass_the_trainer_integration(path):
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
-
-    from config import parse_config
+    from deepspeed.runtime.config import DeepSpeedConfig  # local: deepspeed is optional (importorskip above)
 
     try:
         *_, args = parse_config(["configs/demo.yaml", "--deepspeed", path, "--output_dir", "/tmp/unused"])

@@ -19,9 +19,15 @@ import sys
 import gradio as gr
 import pytest
 from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args, torchrun_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+import scripts.web_demo
+import train
 from config import DEFAULT_EVAL_STEPS, ConfigError, ModelArguments, TrainArguments, parse_config
 from data.dataset import read_records
+from model.build import load_processors
+from model.released import load_processor
 from run.checkpoint import load_base
 from run.predict import HeldOut
 from run.trainer import VLMTrainer
@@ -65,8 +71,6 @@ def test_evaluation_without_held_out_records_is_refused_before_anything_loads(tm
 def test_evaluation_under_sharded_weights_is_refused_naming_the_way_out(engine, flags, tmp_path, demo_data):
     if engine == "ZeRO-3":
         pytest.importorskip("deepspeed")
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     argv = ["--output_dir", str(tmp_path), "--eval_data_path", demo_data["eval"], "--eval_steps", "5", *flags]
     try:
         with pytest.raises(ConfigError) as refused:
@@ -102,12 +106,8 @@ def test_sample_is_seeded_bounded_and_in_file_order():
 def base(request, tiny_base, released_vlm):
     """(model, (tokenizer, image_processor)) as train.py's training_data returns them."""
     if request.param == "composed":
-        from model.build import load_processors
-
         args = tiny_model_args(tiny_base)
         return load_base(args), load_processors(args)
-    from model.released import load_processor
-
     args = ModelArguments(vlm_model=released_vlm("qwen2_5_vl"))
     return load_base(args), (load_processor(args), None)
 
@@ -138,8 +138,6 @@ def test_evaluate_scores_generated_answers_logs_them_and_resumes_training_mode(b
 
 
 def test_released_vlm_train_py_evaluates_every_eval_steps_and_logs_every_step(released_vlm, released_data, tmp_path):
-    import train
-
     out = str(tmp_path / "out")
     train.main([
         "--vlm_model", released_vlm("qwen2_5_vl"), "--data_path", released_data["train"],
@@ -187,8 +185,6 @@ def test_eval_accuracy_is_in_trainer_state_at_every_eval_step(composed_run):
 
 
 def test_eval_accuracy_reaches_tensorboard(composed_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     (events,) = glob.glob(os.path.join(composed_run, "runs", "*", "events.out.tfevents.*"))
     scalars = EventAccumulator(events).Reload().Scalars("eval/accuracy")  # transformers' name for eval_accuracy
     evaluations = logged(read_state(composed_run), "eval_accuracy")
@@ -212,9 +208,7 @@ def test_two_ranks_answer_the_sample_together_and_log_one_accuracy(tiny_base, de
 
 @pytest.fixture(scope="module")
 def web_demo():
-    from scripts import web_demo
-
-    return web_demo
+    return scripts.web_demo
 
 
 def curves(web_demo, state: dict) -> dict:

@@ -14,18 +14,26 @@ import pytest
 import torch
 from helpers import tiny_model_args
 from PIL import Image
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
+import infer
 from config import ModelArguments
+from data.processor_prompt import encode_batch
 from data.prompt import tokenize_prompt
 from model.build import load_processors
 from model.freeze import apply_freeze_policy
+from model.released import load_processor
 from model.vision import load_vision_encoder
 from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
 from run.predict import generate_answers
 from scripts.export_hf import main as export_main
 from tools.synthetic import make_image
-from tools.tiny_vlms import FAMILIES
+from tools.tiny_vlms import FAMILIES, make_tiny_vlm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What color are the shapes?"
@@ -171,8 +179,6 @@ def test_resampler_export_opens_without_the_base(tiny_base, tmp_path, capsys):
     assert len(full.encoder.layers) == full.config.num_hidden_layers == 3
 
     # And infer.py answers from the folder alone, as the model did before export.
-    import infer
-
     image_path = str(tmp_path / "shapes.png")
     image().save(image_path)
     capsys.readouterr()
@@ -191,13 +197,6 @@ def test_released_vlm_export_opens_in_transformers_and_answers_as_infer(family, 
     """A released VLM's checkpoint (LoRA + trained connector) exports as the model's own folder:
     transformers' Auto classes open it with its processor, and greedy generation gives the tokens
     our loaded checkpoint gives."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from data.processor_prompt import encode_batch
-    from model.released import load_processor
-    from run.checkpoint import load_base
-    from tools.tiny_vlms import make_tiny_vlm
-
     base = make_tiny_vlm(family, str(tmp_path_factory.getbasetemp() / "tiny_vlms" / family))
     args = ModelArguments(vlm_model=base, lora_enable=True, lora_r=4, lora_dropout=0.0)
     model = load_base(args)

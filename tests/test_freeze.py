@@ -8,6 +8,7 @@ which mode the table must print for each component; the test then proves it on t
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import bitsandbytes as bnb
@@ -16,7 +17,7 @@ import torch
 from helpers import tiny_model_args
 
 from config import TrainArguments
-from model.freeze import apply_freeze_policy
+from model.freeze import FreezeError, apply_freeze_policy
 from model.vlm import IMAGE_TOKEN_INDEX
 from run.checkpoint import load_base
 from run.trainer import VLMTrainer
@@ -369,8 +370,6 @@ def test_rates_default_to_learning_rate(tiny_base, tmp_path):
 def test_a_frozen_regex_that_empties_a_declared_component_is_refused(tiny_base):
     """`--lora_enable true` declares the LLM's LoRA trainable; a frozen_regex that matches every
     adapter would train the connector alone without a word. Refused, naming the regex."""
-    from model.freeze import FreezeError
-
     args = tiny_model_args(tiny_base, lora_enable=True, lora_r=4, frozen_regex=[r"llm\..*lora_"])
     with pytest.raises(FreezeError, match=r"llm \(lora\).*--frozen_regex \['llm\\\\\.\.\*lora_'\]"):
         apply_freeze_policy(load_base(args), args)
@@ -380,8 +379,6 @@ def test_a_frozen_regex_that_empties_a_declared_component_is_refused(tiny_base):
 def test_lora_top_layers_is_chosen_from_the_models_depth(tiny_base, fraction, trained_layers):
     """openpi's recipe, LoRA on the upper half of the LLM, on a 2-layer LLM: layer 1 trains (a
     fixed layer regex written for a 26-layer model froze every adapter of a small one)."""
-    import re
-
     args = tiny_model_args(tiny_base, lora_enable=True, lora_r=4, lora_top_layers=fraction)
     model = load_base(args)
     apply_freeze_policy(model, args)

@@ -12,9 +12,12 @@ import pytest
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from data.dataset import Collator, SupervisedDataset
+import infer
+import train
+from data.dataset import Collator, SupervisedDataset, read_records
 from data.messages import use_messages_dataset
 from data.records import DataError
+from run import predict
 
 N_IMAGE, IMAGE_TOKEN = 4, -200
 RED, BLUE = (220, 40, 40), (40, 70, 220)
@@ -115,8 +118,6 @@ def test_an_unknown_content_part_names_the_row(tmp_path):
 
 
 def test_train_py_trains_on_a_messages_dataset(tmp_path, media, tiny_base):
-    import train
-
     out = str(tmp_path / "run")
     train.main([
         "configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
@@ -149,8 +150,6 @@ def test_training_and_eval_sets_in_messages_format_are_converted_apart(tmp_path,
     assert os.path.dirname(args.data_path) == args.image_folder != media["folder"]  # PIL images written there
     assert args.eval_image_folder == media["folder"]  # paths: the folder given
     assert os.path.dirname(args.eval_data_path) != os.path.dirname(args.data_path)
-    from data.dataset import read_records
-
     (first, _) = read_records(args.eval_data_path)
     assert first["image"] == ["red.png", "blue.png"]
     assert first["conversations"][0] == {"from": "user", "value": "<image>\n" + QUESTION}
@@ -164,10 +163,6 @@ def test_a_missing_llava_file_is_not_taken_for_a_hub_id(tmp_path):
 
 def test_infer_answers_a_messages_file(tmp_path, media, tiny_base, monkeypatch, capsys):
     """infer.py --data reads a messages-format file as train.py reads it: the same prompts, images."""
-    import infer
-    import train
-    from run import predict
-
     out = str(tmp_path / "run")
 
     train.main([

@@ -6,8 +6,11 @@ gradients)."""
 from __future__ import annotations
 
 import inspect
+import os
+import re
 from functools import cached_property
 
+import bitsandbytes as bnb
 import datasets
 import torch
 from accelerate import PartialState
@@ -38,8 +41,6 @@ def test_setup_devices_is_a_cached_property_and_the_state_fields_exist():
 
 
 def test_bitsandbytes_4bit_layer_has_the_repacking_switch():
-    import bitsandbytes as bnb
-
     layer = bnb.nn.Linear4bit(8, 8)
     assert hasattr(layer, "support_avx512bf16_for_cpu")  # the switch keep_4bit_layout turns off
     patches.keep_4bit_layout(torch.nn.Sequential(layer))
@@ -47,6 +48,8 @@ def test_bitsandbytes_4bit_layer_has_the_repacking_switch():
 
 
 def test_trl_chunk_size_constant_exists():
+    # Local: trl is a dev-only dependency (requirements-dev.txt, for bench.py --peer) that patches.py
+    # also imports lazily; the file's other pins do not need it.
     import trl.trainer.utils
 
     size = trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
@@ -57,8 +60,6 @@ def test_trl_chunk_size_constant_exists():
 
 
 def test_the_loss_benchmarks_readings_of_torch_and_trl():
-    import torch
-
     assert patches.trl_chunk_size() > 64 and isinstance(patches.trl_uses_triton(torch.device("cpu")), bool)
     # torch's default chunk shrinks as the vocabulary grows (8 rows at 151,936 words, measured).
     small = patches.torch_default_chunk_rows(1024, 896, 4096, torch.float32, torch.device("cpu"))
@@ -76,9 +77,6 @@ def test_dataset_fingerprint_follows_its_rows():
 def test_nothing_else_touches_a_private_name_of_these_libraries():
     """A private attribute of transformers, accelerate, bitsandbytes, TRL or datasets used outside
     patches.py is a patch hiding elsewhere."""
-    import os
-    import re
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     private = re.compile(
         r"\b(_setup_devices|_save_checkpoint|_load_from_checkpoint|_get_train_sampler"

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import infer
+import scripts.web_demo
 from data.dataset import read_records
 from data.media import load_image, video_frame_paths
 from data.prompt import MarkerMismatch, question_messages
@@ -22,9 +24,7 @@ COLORS = {"red.png": (255, 0, 0), "blue.png": (0, 0, 255), "green.png": (0, 255,
 
 @pytest.fixture(scope="module")
 def web_demo():
-    from scripts import web_demo
-
-    return web_demo
+    return scripts.web_demo
 
 
 @pytest.fixture
@@ -141,8 +141,6 @@ def through_the_rule(monkeypatch, module) -> list:
 
 def ask_infer(monkeypatch, media: str, question: str, images: list[str] = (), video: str | None = None):
     """infer.py --prompt's messages and images, no checkpoint loaded."""
-    import infer
-
     calls, rule = spy(monkeypatch, infer), through_the_rule(monkeypatch, infer)
     monkeypatch.setattr(infer, "load_checkpoint", lambda *args, **kwargs: (None, None, None, None))
     argv = ["--checkpoint", media, "--prompt", question]

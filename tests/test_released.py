@@ -18,12 +18,17 @@ import shutil
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from helpers import REPO_ROOT, SUBPROCESS_ENV, part_of
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+import infer
+import train
+from cli import is_user_error
 from config import ModelArguments
 from data.media import load_image
 from data.processor_prompt import encode_batch
@@ -233,8 +238,6 @@ RECIPE_FLAGS = {
 def train_run(released_vlm, released_data, tmp_path_factory):
     """`train_run(family, recipe)` -> {"out", "model"}: train.py's main, in this process, two steps
     of batch 2; "model" is the very model its Trainer trained. Each (family, recipe) runs once."""
-    import train
-
     runs: dict[tuple[str, str], dict] = {}
 
     def run(family: str, recipe: str) -> dict:
@@ -267,8 +270,6 @@ def ask(images) -> list[tuple[list[dict], list]]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_py_keeps_frozen_weights_and_infer_py_answers(family, recipe, train_run, released_vlm,
                                                            released_data, images, capsys):
-    import infer
-
     folder = released_vlm(family)
     run = train_run(family, recipe)
     out, model = run["out"], run["model"]
@@ -323,8 +324,6 @@ def test_train_py_keeps_frozen_weights_and_infer_py_answers(family, recipe, trai
 def test_adapter_and_delta_load_with_plain_peft(family, train_run, released_vlm, images):
     """adapter/ is PEFT's own folder for the transformers model, and the delta's names are that
     model's (under `vlm.`): plain PEFT + the delta give our loaded model's logits."""
-    from peft import PeftModel
-
     run = train_run(family, "lora")
     peft_model = PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(released_vlm(family)), os.path.join(run["out"], "adapter")
@@ -365,8 +364,6 @@ def test_delta_is_refused_on_the_same_config_with_other_weights(family, train_ru
 
 
 def test_init_from_refuses_a_parent_trained_on_other_weights(train_run, released_vlm, released_data, tmp_path):
-    import train
-
     parent = train_run("llava", "lora")["out"]
     out = str(tmp_path / "stage2")
     argv = train_argv(released_vlm("llava", seed=1), released_data, out, str(tmp_path / "cache"),
@@ -402,8 +399,6 @@ def test_the_real_scripts_as_subprocesses(released_vlm, released_data, tmp_path)
 
 
 def test_qlora_4bit_step_on_llava(released_vlm, images, tmp_path):
-    import bitsandbytes as bnb
-
     model = load_base(ModelArguments(vlm_model=released_vlm("llava"), bits=4, **LORA))
     modules = dict(model.named_modules())
     quantized = {model.component(n) for n, m in modules.items() if isinstance(m, bnb.nn.Linear4bit)}
@@ -556,9 +551,6 @@ def test_text_only_batch_runs_the_image_path(family, recipe, released_vlm):
 def test_paligemma_text_only_record_trains_or_is_refused_before_step_1(released_vlm, released_data, tmp_path):
     """Text-only records are legal (README). A family whose processor cannot take one must say so
     in the data check, naming the record, not fail inside the DataLoader with a traceback."""
-    import train
-    from cli import is_user_error
-
     out = str(tmp_path / "out")
     argv = train_argv(released_vlm("paligemma"), {**released_data, "train": released_data["mixed"]}, out,
                       str(tmp_path / "cache"), *RECIPE_FLAGS["lora"], "--per_device_train_batch_size", "1")

@@ -10,7 +10,9 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 
+from config import ConfigError, TrainArguments
 from data.sampler import ModalityLengthGroupedSampler
+from run.trainer import VLMTrainer
 
 BATCH = 4
 
@@ -81,9 +83,6 @@ def test_ddp_sharding_gives_each_rank_its_share_of_one_modality_per_step():
 
 
 def test_the_trainer_draws_in_the_sampler_s_order(tmp_path):
-    from config import TrainArguments
-    from run.trainer import VLMTrainer
-
     lengths, multimodal = mixed(n=40)
     sampler = ModalityLengthGroupedSampler(lengths, multimodal, BATCH, seed=0)
     args = TrainArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, report_to="none",
@@ -96,8 +95,6 @@ def test_the_trainer_draws_in_the_sampler_s_order(tmp_path):
 
 
 def test_group_by_modality_length_and_group_by_length_are_one_choice(tmp_path):
-    from config import ConfigError, TrainArguments
-
     with pytest.raises(ConfigError, match="keep one"):
         TrainArguments(output_dir=str(tmp_path), group_by_modality_length=True,
                        train_sampling_strategy="group_by_length")

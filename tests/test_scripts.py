@@ -10,6 +10,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO_ROOT, "scripts", "*.sh")))
@@ -73,8 +74,6 @@ def test_askanything_two_stages(tiny_base, demo_data, tmp_path):
 def test_scripts_set_only_what_the_user_passes():
     """Model ids, data paths and every setting live in configs/: a script names none of them, so a
     config edit is never silently undone by a script's default."""
-    import yaml
-
     ids = set()
     for path in glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")):
         with open(path) as f:

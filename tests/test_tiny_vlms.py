@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import PARTS, part_of
 from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tools.tiny_vlms import FAMILIES, make_tiny_vlm
 
@@ -45,8 +47,6 @@ def image():
 
 
 def load(folder):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     return AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
 
 
@@ -86,8 +86,6 @@ def test_loads_trains_and_generates(family, tiny_vlm, image):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_seeded_and_idempotent(family, tiny_vlm, tmp_path):
-    from safetensors.torch import load_file
-
     def weights(folder):
         return load_file(os.path.join(folder, "model.safetensors"))
 
@@ -106,8 +104,6 @@ def test_seeded_and_idempotent(family, tiny_vlm, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_template_prefix_stable(family, tiny_vlm):
-    from transformers import AutoProcessor
-
     processor = AutoProcessor.from_pretrained(tiny_vlm(family))
 
     def render(messages, **kwargs):

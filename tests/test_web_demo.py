@@ -25,6 +25,16 @@ import pytest
 from helpers import save_video
 from PIL import Image
 
+import scripts.web_demo
+from config import ModelArguments
+from data.dataset import read_records
+from data.media import load_video_frames
+from model.freeze import apply_freeze_policy
+from model.released import load_processor
+from run.checkpoint import load_base, save_checkpoint
+from run.predict import generate_answers
+from tools.tiny_vlms import make_tiny_vlm
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(REPO_ROOT, "docs", "web_demo.png")
 TIMEOUT_S = 600  # a hang guard on a shared machine, not a benchmark
@@ -156,6 +166,7 @@ def urls(checkpoint, refused_checkpoint, workdir):
 
 @pytest.fixture(scope="module")
 def browser():
+    # Local: playwright is optional (requirements-dev.txt only); the helper tests below run without it.
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -273,9 +284,7 @@ def test_refused_checkpoint_shows_the_loaders_message(browser, urls):
 @pytest.fixture(scope="module")
 def web_demo():
     """The script as a module, for its helpers (no server)."""
-    from scripts import web_demo
-
-    return web_demo
+    return scripts.web_demo
 
 
 def test_unreadable_and_huge_images_are_refused_in_words(web_demo, tmp_path):
@@ -292,9 +301,6 @@ def test_unreadable_and_huge_images_are_refused_in_words(web_demo, tmp_path):
 def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
     """--data records as read_records gives them: "image" a list, "video" a folder of frames or an
     mp4 (its decoded frames go to the gallery, which keeps them as PNG: the pixels the model sees)."""
-    from data.dataset import read_records
-    from data.media import load_video_frames
-
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     os.makedirs(tmp_path / "clip")
@@ -339,13 +345,6 @@ def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, wor
 def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
     """A released VLM's checkpoint: the page's loader opens it and its base, describes it, and the
     fine-tuned answer is infer.py's (the same generate_answers on the same loaded model)."""
-    from config import ModelArguments
-    from model.freeze import apply_freeze_policy
-    from model.released import load_processor
-    from run.checkpoint import load_base, save_checkpoint
-    from run.predict import generate_answers
-    from tools.tiny_vlms import make_tiny_vlm
-
     base = make_tiny_vlm("qwen2_5_vl", str(tmp_path / "base"))
     args = ModelArguments(vlm_model=base, lora_enable=True, lora_r=4)
     model = load_base(args)
