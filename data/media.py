@@ -214,6 +214,14 @@ def record_media(record: dict, image_folder: str | None, num_frames: int) -> lis
     return load_video_frames(path, num_frames) if is_video_file(path) else video_frame_paths(path, num_frames)
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as `load_image` returns it (EXIF-rotated), from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    return (width, height) if rotated else (height, width)
+
+
 def load_record_media(record: dict, image_folder: str | None, num_frames: int) -> list[Image.Image]:
     """The record's images, or its video's sampled frames, in prompt order, as RGB images."""
     return [

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from data.dataset import record_messages
-from data.media import load_record_media
+from data.media import image_paths, image_size, load_record_media
 from data.prompt import (
     IGNORE_INDEX,
     IMAGE_MARKER,
@@ -190,15 +190,27 @@ class ProcessorDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8):
         self.records, self.image_folder, self.num_frames = records, image_folder, num_frames
+        self.processor = processor
         refuse_text_only_if_images_needed(processor, records)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def lengths(self) -> list[int]:
-        """Characters of text per sample: the length-grouped sampler's estimate (tokens would
-        need every image processed up front)."""
-        return [sum(len(turn["value"]) for turn in r["conversations"]) for r in self.records]
+        """Tokens per sample, the length-grouped sampler's estimate: its turns' text tokens plus
+        its images' tokens as the processor counts them from their sizes (read from the files'
+        headers; one token per image where the processor does not say, a video's frames one each)."""
+        texts = ["".join(turn["value"] for turn in r["conversations"]) for r in self.records]
+        text_tokens = self.processor.tokenizer(texts, add_special_tokens=False).input_ids
+        count = ImageTokenCount(self.processor)
+        return [len(ids) + self._image_tokens(r, count) for ids, r in zip(text_tokens, self.records, strict=True)]
+
+    def _image_tokens(self, record: dict, count: ImageTokenCount) -> int:
+        if record.get("video"):
+            return self.num_frames
+        paths = image_paths(record, self.image_folder)
+        counts = count([image_size(path) for path in paths]) if paths else None
+        return sum(counts) if counts else len(paths)
 
     def multimodal(self) -> list[bool]:
         return [bool(r["image"]) or bool(r["video"]) for r in self.records]

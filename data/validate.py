@@ -24,6 +24,7 @@ from PIL import Image
 
 from data.media import (
     ImageError,
+    image_size,
     image_too_large,
     is_video_file,
     load_image,
@@ -387,14 +388,6 @@ def _check_media_files(users: dict[str, list], num_frames: int, num_workers: int
             if size is not None:
                 found[path] = size
     return problems, found
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(height, width) of an image as `load_image` returns it (EXIF-rotated), from its header."""
-    with Image.open(path) as image:
-        width, height = image.size
-        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
-    return (width, height) if rotated else (height, width)
 
 
 def validate_data_file(

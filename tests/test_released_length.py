@@ -15,7 +15,9 @@ from helpers import REPO_ROOT, SUBPROCESS_ENV
 from PIL import Image
 
 from config import ModelArguments
-from data.processor_prompt import ImageTokenCount, ProcessorTemplate, encode_batch
+from data.dataset import read_records
+from data.media import image_size, load_image
+from data.processor_prompt import ImageTokenCount, ProcessorDataset, ProcessorTemplate, encode_batch
 from data.prompt import IGNORE_INDEX
 from data.validate import validate_data_file
 from model.released import load_processor
@@ -141,3 +143,28 @@ def test_check_data_script_counts_a_released_vlms_images(released_vlm, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]  # too long is dropped, not refused
     dropped = [line for line in result.stdout.splitlines() if line.startswith("dropped: too_long")]
     assert len(dropped) == 1 and "r1" in dropped[0], result.stdout
+
+
+def test_length_grouping_counts_a_released_samples_image_tokens(released_vlm, tmp_path):
+    """Qwen2.5-VL's 96 x 96 image is more tokens than a long answer: the length-grouped sampler
+    (its longest sample first) orders samples as the processor will make them, not by their text."""
+    processor = processor_of(released_vlm, "qwen2_5_vl")
+    path = write_records(tmp_path, [(32, 32), (96, 96)])
+    records = read_records(path)
+    records[0]["conversations"][1]["value"] = ANSWER + ", truly"  # the longer text, with the smaller image
+    dataset = ProcessorDataset(records, str(tmp_path), processor)
+    made = [encode_batch(processor, [(sample["messages"], sample["images"])])["input_ids"].shape[1]
+            for sample in (dataset[0], dataset[1])]
+    characters = [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
+    lengths = dataset.lengths()
+    assert made[1] > made[0] and characters[1] < characters[0]
+    assert lengths[1] > lengths[0]
+
+
+def test_image_size_is_the_loaded_images_after_exif_rotation(tmp_path):
+    image = Image.new("RGB", (60, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    loaded = load_image(str(tmp_path / "rotated.jpg"))
+    assert image_size(str(tmp_path / "rotated.jpg")) == (loaded.height, loaded.width) == (60, 20)
