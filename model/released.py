@@ -54,11 +54,9 @@ def unused_vision_modules(model: nn.Module, table: dict[str, str]) -> list[str]:
     its tower (`config.vision_feature_layer`: llava-hf takes the second to last) leaves the layers
     after it, the final norm and a pooling head out of the forward: trained, or given LoRA, they
     would get no gradient (DDP without find_unused_parameters stops on them)."""
-    layer = getattr(model.config, "vision_feature_layer", None)
-    if layer is None:
+    if getattr(model.config, "vision_feature_layer", None) is None:
         return []
-    depth = model.config.vision_config.num_hidden_layers
-    used = max(index % (depth + 1) for index in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    used = vision_layers_used(model.config)
     unused = []
     for name, _ in model.named_modules():
         if component_of(name, table) != "vision":
@@ -67,6 +65,16 @@ def unused_vision_modules(model: nn.Module, table: dict[str, str]) -> list[str]:
         if (layer_index and int(layer_index.group(1)) >= used) or name.rsplit(".", 1)[-1] in ("post_layernorm", "head"):
             unused.append(name)
     return unused
+
+
+def vision_layers_used(config) -> int:
+    """Blocks of the tower whose output reaches the LLM: all of them, or up to the hidden layer
+    the family reads (`vision_feature_layer`, one index or a list; -2 is the second to last)."""
+    layer = getattr(config, "vision_feature_layer", None)
+    depth = config.vision_config.num_hidden_layers
+    if layer is None:
+        return depth
+    return max(index % (depth + 1) for index in (layer if isinstance(layer, (list, tuple)) else [layer]))
 
 
 def lora_target_pattern(model: nn.Module, table: dict[str, str], components: set[str], names=None) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from model.components import patches_per_image_token
+from model.released import ReleasedVLM, vision_layers_used
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Anatomy:
 
 
 def anatomy(model) -> Anatomy:
-    return released_anatomy(model) if hasattr(model, "vlm") else composed_anatomy(model)
+    return released_anatomy(model) if isinstance(model, ReleasedVLM) else composed_anatomy(model)
 
 
 def composed_anatomy(model) -> Anatomy:
@@ -91,15 +92,13 @@ def released_anatomy(model) -> Anatomy:
     patches = pixels // patch**2
     has_cls = any(n.endswith("class_embedding") for n, _ in vision.params)
     keeps_cls = has_cls and getattr(config, "vision_feature_select_strategy", "default") == "full"
-    layer = getattr(config, "vision_feature_layer", -1)
-    depth = vision_config.num_hidden_layers
     connector = stack("connector", None)
     image_tokens = patches // patches_per_image_token(config) + keeps_cls
     return Anatomy(
         vision=vision,
         llm=stack("llm", config.get_text_config()),
         connector=connector,
-        vision_layers=max(i % (depth + 1) for i in (layer if isinstance(layer, (list, tuple)) else [layer])),
+        vision_layers=vision_layers_used(config),
         tower_tokens=patches + has_cls,
         pixel_values=3 * pixels * getattr(vision_config, "temporal_patch_size", 1),
         image_tokens=image_tokens,
