@@ -398,8 +398,9 @@ def test_the_real_scripts_as_subprocesses(released_vlm, released_data, tmp_path)
 # --- 6. QLoRA ----------------------------------------------------------------------------------
 
 
-def test_qlora_4bit_step_on_llava(released_vlm, images, tmp_path):
-    model = load_base(ModelArguments(vlm_model=released_vlm("llava"), bits=4, **LORA))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_4bit_step(family, released_vlm, images, tmp_path):
+    model = load_base(ModelArguments(vlm_model=released_vlm(family), bits=4, **LORA))
     modules = dict(model.named_modules())
     quantized = {model.component(n) for n, m in modules.items() if isinstance(m, bnb.nn.Linear4bit)}
     # The tower and the connector stay floating point (the skip list); the LLM's linears are 4-bit.
