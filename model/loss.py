@@ -22,10 +22,11 @@ IGNORE_INDEX = -100
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(hidden @ weight.T + bias, labels); label -100 is ignored."""
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, labels), divided by `divisor` (a
+    0-dim fp32 tensor: the labelled items); label -100 is ignored."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_rows: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk_rows: int, divisor):
         # hidden [N, D], weight [V, D], bias [V] or None, labels [N]
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -38,7 +39,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             total += _chunk(
-                hidden[rows], labels[rows], weight, bias,
+                hidden[rows], labels[rows], weight, bias, divisor,
                 None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias, any_ignored,
             )
         # grad_hidden is an activation of this step (saved-tensor hooks may offload it);
@@ -47,7 +48,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden)
         ctx.param_grads = (grad_weight, grad_bias)
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+        return total / divisor
 
     @staticmethod
     @once_differentiable
@@ -55,8 +56,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         (grad_hidden,) = ctx.saved_tensors
         (grad_weight, grad_bias), (weight_dtype, bias_dtype) = ctx.param_grads, ctx.param_dtypes
         ctx.param_grads = None
-        # grad_total is 1 for a plain loss; the gradient-accumulation divisor or an fp16 loss
-        # scale otherwise. In place: these buffers are this backward's alone.
+        # The gradients already hold 1 / divisor (applied in fp32, before a 16-bit cast rounds
+        # them). grad_total is 1 for a plain loss; the gradient-accumulation divisor or an fp16
+        # loss scale otherwise. In place: these buffers are this backward's alone.
         for grad in (grad_hidden, grad_weight, grad_bias):
             if grad is not None:
                 grad.mul_(grad_total.to(grad.dtype))
@@ -66,14 +68,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else grad_bias.to(bias_dtype),
             None,
             None,
+            None,
         )
 
 
-def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias, any_ignored: bool) -> torch.Tensor:
+def _chunk(h, y, weight, bias, divisor, grad_h, grad_weight, grad_bias, any_ignored: bool) -> torch.Tensor:
     """One chunk of rows, h [C, D] and y [C]: returns its summed loss, writes its input gradient
     into grad_h [C, D] and adds its parameter gradients to grad_weight [V, D] and grad_bias [V]
-    (each where not None). Its [C, V] logits die with this call, before the next chunk's exist.
-    `any_ignored`: whether some label in the batch is -100 (else no row needs zeroing)."""
+    (each where not None), those of the loss divided by `divisor`. Its [C, V] logits die with this
+    call, before the next chunk's exist. `any_ignored`: whether some label in the batch is -100
+    (else no row needs zeroing)."""
     logits = nn.functional.linear(h, weight, bias)  # [C, V], in the head's compute dtype
     compute_dtype = logits.dtype
     logits = logits.float()  # the loss in fp32, as transformers' ForCausalLMLoss upcasts
@@ -86,10 +90,11 @@ def _chunk(h, y, weight, bias, grad_h, grad_weight, grad_bias, any_ignored: bool
     loss = ((sum_exp.log() - picked).squeeze(1) * labelled).sum()
     if grad_h is None and grad_weight is None and grad_bias is None:
         return loss
-    # d loss / d logits = softmax - one-hot on labelled rows, 0 on the others: the logits
-    # become their gradient.
-    grad = logits.div_(sum_exp)
-    grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
+    # d loss / d logits = (softmax - one-hot) / divisor on labelled rows, 0 on the others: the
+    # logits become their gradient. Divided here, in fp32 and in the same pass: after the cast to
+    # a 16-bit compute dtype, the division would round the hidden states' gradient a second time.
+    grad = logits.div_(sum_exp * divisor)
+    grad.scatter_add_(1, target, (-1.0 / divisor).expand(target.shape))
     if any_ignored:
         grad.mul_(labelled[:, None])
     grad = grad.to(compute_dtype)
@@ -112,7 +117,7 @@ def linear_cross_entropy(hidden, head: nn.Linear, labels, num_items_in_batch=Non
     `num_items_in_batch` (the labelled tokens of the whole accumulated batch, all ranks) when given.
     With no labelled row the loss is 0 and every gradient 0 (not 0/0)."""
     vocab = head.weight.shape[0]
-    total = LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, max(1, CHUNK_ELEMENTS // vocab))
     if num_items_in_batch is None:
         num_items_in_batch = (labels != IGNORE_INDEX).sum()
-    return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+    divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device).clamp(min=1)
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, max(1, CHUNK_ELEMENTS // vocab), divisor)

@@ -38,6 +38,19 @@ def answer_held_out(held_out: HeldOut, model) -> list[dict]:
     return [result for share in shares for result in share]
 
 
+def disable_kv_cache(model: torch.nn.Module) -> None:
+    """No KV cache in training forwards, in every config of the model. transformers' Trainer sets
+    `model.config.use_cache = args.use_cache` (False) on the top module alone: our models keep
+    the transformers model one level down, and a composite config (Qwen2.5-VL's) keeps the LLM's
+    `use_cache` in its text config, which the LLM reads. Left True, every training forward
+    builds a DynamicCache: a copy of every layer's keys and values, held until the forward ends.
+    `generate` passes its own `use_cache` (the generation config's), so evaluation still caches."""
+    for module in model.modules():
+        config = getattr(module, "config", None)  # an LLM's own module holds its text config
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+
+
 class VLMTrainer(TrainerHooks):
     """Six changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
@@ -45,13 +58,16 @@ class VLMTrainer(TrainerHooks):
     only once all of it is written; resuming loads the delta back; a training sampler may be
     handed in (the modality-grouped one lives in data/, which model/ does not import);
     evaluation is generation exact-match accuracy on a `HeldOut` sample (the `eval_dataset`),
-    as infer.py answers, not a loss. And the last step always logs its loss (`LogLastStep`)."""
+    as infer.py answers, not a loss. And the last step always logs its loss (`LogLastStep`).
+    Training forwards build no KV cache (`disable_kv_cache`)."""
 
     def __init__(self, *args, parent_checkpoint: str | None = None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.parent_checkpoint = parent_checkpoint
         self.train_sampler = train_sampler
         self.add_callback(LogLastStep)
+        if not self.args.use_cache:
+            disable_kv_cache(self.model)
 
     def evaluate(self, eval_dataset: HeldOut | None = None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """`{prefix}_accuracy` (exact match of the greedy answer to each record's first question),
