@@ -117,7 +117,7 @@ def _vm_hwm_bytes() -> int:
 
 def _tensor_peak(step) -> int:
     """Peak of tensor bytes allocated during `step()` on top of what was live before it (the
-    profiler's "Total Allocated", as scripts/bench.py's StepMemory counts a CPU step)."""
+    profiler's "Total Allocated", as scripts/bench_measure.py's StepMemory counts a CPU step)."""
     import torch
 
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)

@@ -23,6 +23,7 @@ from model.freeze import apply_freeze_policy
 from model.loss import linear_cross_entropy
 from model.vlm import IMAGE_TOKEN_INDEX
 from run.checkpoint import load_base
+from scripts.bench_measure import StepMemory
 
 VOCAB, DIM, ROWS = 50, 16, 30
 
@@ -214,8 +215,7 @@ def test_a_tied_head_gets_the_gradients_of_both_its_uses(tiny_base, tmp_path):
 def test_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     """The point of the fusion: forward and backward allocate one chunk's [C, V] logits at a time,
     where the head-then-loss path holds several [N, V] tensors. Counted by the profiler's
-    allocation trace (scripts/bench.py's StepMemory), not sampled."""
-    from scripts.bench import StepMemory
+    allocation trace (scripts/bench_measure.py's StepMemory), not sampled."""
 
     rows, vocab, chunk_rows = 64, 50_000, 16
     monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", chunk_rows * vocab)
