@@ -14,7 +14,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoVideoProcessor,
+)
 
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, module_table
 from model.quantization import load_kwargs
@@ -26,8 +32,7 @@ def load_processor(args, chat_template_path: str | None = None, need_template: b
     """The model's own processor: chat template, tokenizer, image (and video) processor; the
     pixel budget from the config where the family has one (Qwen2-VL's min_pixels/max_pixels);
     a .jinja file replaces its chat template (PaliGemma ships none; the model's build needs none)."""
-    budget = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
-    processor = AutoProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision, **budget)
+    processor = AutoProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision, **_with_pixel_budget(args))
     if chat_template_path:
         with open(chat_template_path) as f:
             processor.chat_template = f.read()
@@ -37,6 +42,21 @@ def load_processor(args, chat_template_path: str | None = None, need_template: b
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return processor
+
+
+def _with_pixel_budget(args) -> dict:
+    """The image (and video) processor loaded with the config's pixel budget, where one is set:
+    their own from_pretrained turns it into their `size`. (Given to AutoProcessor instead,
+    transformers 5.23 passes it again with every call and warns that this is deprecated.)"""
+    budget = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
+    if not budget:
+        return {}
+    parts = {"image_processor": AutoImageProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision, **budget)}
+    try:
+        parts["video_processor"] = AutoVideoProcessor.from_pretrained(args.vlm_model, revision=args.vlm_revision, **budget)
+    except OSError:  # a family without a video processor (llava, PaliGemma)
+        pass
+    return parts
 
 
 def quantization_skip_modules(args) -> list[str]:
