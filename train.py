@@ -62,7 +62,7 @@ def training_data(model, model_args, data_args, train_args):
         )
     if model_args.vlm_model:
         records = read_records(data_args.data_path, skip)
-        dataset = ProcessorDataset(records, data_args.image_folder, processor, data_args.num_frames)
+        dataset = ProcessorDataset(records, data_args.image_folder, processor, data_args.num_frames, image_tokens)
         return dataset, ProcessorCollator(processor, data_args.max_length, model.prefix_lm), (processor, None)
     dataset = SupervisedDataset(
         data_args.data_path, data_args.image_folder, tokenizer, model.num_image_tokens, model.image_token_index,

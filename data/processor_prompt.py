@@ -188,9 +188,11 @@ class ProcessorDataset(torch.utils.data.Dataset):
     model's processor (the data check before step 1 has opened every image and, where the
     processor states it, counted each image's tokens: `ImageTokenCount`)."""
 
-    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8):
+    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8,
+                 image_tokens: ImageTokenCount | None = None):
+        """`image_tokens`: the data check's count, if it made one (else made when lengths are asked)."""
         self.records, self.image_folder, self.num_frames = records, image_folder, num_frames
-        self.processor = processor
+        self.processor, self.image_tokens = processor, image_tokens
         refuse_text_only_if_images_needed(processor, records)
 
     def __len__(self) -> int:
@@ -202,7 +204,7 @@ class ProcessorDataset(torch.utils.data.Dataset):
         headers; one token per image where the processor does not say, a video's frames one each)."""
         texts = ["".join(turn["value"] for turn in r["conversations"]) for r in self.records]
         text_tokens = self.processor.tokenizer(texts, add_special_tokens=False).input_ids
-        count = ImageTokenCount(self.processor)
+        count = self.image_tokens or ImageTokenCount(self.processor)
         return [len(ids) + self._image_tokens(r, count) for ids, r in zip(text_tokens, self.records, strict=True)]
 
     def _image_tokens(self, record: dict, count: ImageTokenCount) -> int:

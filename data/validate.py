@@ -338,15 +338,11 @@ class _LabelCheck:
         known = self.image_tokens and sizes and all(sizes) and not num_video_frames
         counts = self.image_tokens(sizes) if known else None
         try:
-            ids, labels = tokenize_conversation(
-                self.tokenizer, messages, self.num_image_tokens, self.image_token_index,
-                None if counts else self.max_length,
-            )
+            ids, labels = tokenize_conversation(self.tokenizer, messages, self.num_image_tokens, self.image_token_index)
+            # Where the text shows each image as one token, expand it as the processor will.
             if counts and ids.count(self.image_token_index) == len(counts):
-                fit_length(*expand_images(ids, labels, self.image_token_index, counts), self.image_token_index,
-                           self.max_length)
-            elif counts:  # an image placeholder the text does not show once per image: as before
-                fit_length(ids, labels, self.image_token_index, self.max_length)
+                ids, labels = expand_images(ids, labels, self.image_token_index, counts)
+            ids, labels = fit_length(ids, labels, self.image_token_index, self.max_length)
         except SampleTooLong as e:
             return "too_long", f"too long: {e} Dropped: cutting would lose image tokens or every answer."
         except TemplateMismatch as e:

@@ -379,7 +379,6 @@ def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
     """Each recipe's plan for the shape's batch, built on the meta device from its configs alone."""
     from model.build import build_model
     from model.freeze import apply_freeze_policy
-    from run.checkpoint import load_base
     from tools.memory import plan_memory
 
     configs = os.path.join(work_dir(args.workdir), f"{shape_name}-configs")
@@ -399,7 +398,7 @@ def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
     recipes = list(RECIPES) if args.recipe == "all" else [args.recipe]
     for recipe in recipes:
         model_args = model_args_of(args, configs, recipe, shape)
-        model = load_base(model_args, weights=False) if is_native(shape) else build_model(model_args, weights=False)
+        model = build_model(model_args, weights=False)  # a released VLM when model_args.vlm_model is set
         apply_freeze_policy(model, model_args)
         plan = plan_memory(model, args.batch_size, args.seq_len, False, images_per_sample=args.images,
                            supervised_tokens=supervised, padded=False)
