@@ -17,6 +17,8 @@ A family this table does not know is mapped from the config, without a code chan
 
 from __future__ import annotations
 
+import re
+
 COMPONENTS = ("vision", "connector", "llm")
 
 # Module names that mark each component, in transformers' released VLMs and in our composed one.
@@ -75,3 +77,15 @@ def top_module(name: str) -> str:
 def is_under(name: str, modules: list[str]) -> bool:
     """Whether `name` is one of `modules` or inside one (wrappers' prefixes around it allowed)."""
     return any(f".{name}.".find(f".{module}.") >= 0 for module in modules)
+
+
+# A numbered block of a stack: `layers.3` (decoders, CLIP/SigLIP towers), `blocks.3` (Qwen2-VL's tower).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)(?=\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """The index of the numbered block a parameter or module name sits in, the innermost one
+    (`model.language_model.layers.3.mlp.up_proj.weight` -> 3, `visual.blocks.0` -> 0), or None
+    outside every block (embeddings, final norms, heads, connectors)."""
+    found = _LAYER.findall(name)
+    return int(found[-1]) if found else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.components import COMPONENTS, is_under, top_module
+from model.components import COMPONENTS, is_under, layer_index, top_module
 
 
 class FreezeError(ValueError):
@@ -88,13 +88,10 @@ def apply_freeze_policy(model, args) -> list[ComponentRow]:
     return rows
 
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def _layer_of(name: str) -> int:
     """The decoder layer a parameter sits in (a large number outside any: never below)."""
-    found = _LAYER.findall(name)
-    return int(found[-1]) if found else 1 << 30
+    index = layer_index(name)
+    return 1 << 30 if index is None else index
 
 
 def _lowest_trained_layer(model, top_fraction: float | None) -> int:

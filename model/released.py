@@ -22,7 +22,7 @@ from transformers import (
     AutoVideoProcessor,
 )
 
-from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, module_table
+from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
 from model.quantization import load_kwargs
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
@@ -81,8 +81,8 @@ def unused_vision_modules(model: nn.Module, table: dict[str, str]) -> list[str]:
     for name, _ in model.named_modules():
         if component_of(name, table) != "vision":
             continue
-        layer_index = re.search(r"(?:^|\.)layers\.(\d+)$", name)  # hidden_states[i + 1] is layer i's
-        if (layer_index and int(layer_index.group(1)) >= used) or name.rsplit(".", 1)[-1] in ("post_layernorm", "head"):
+        layer = layer_index(name)  # hidden_states[i + 1] is block i's output
+        if (layer is not None and layer >= used) or name.rsplit(".", 1)[-1] in ("post_layernorm", "head"):
             unused.append(name)
     return unused
 

@@ -1,0 +1,4 @@
+"""Values that more than one package must agree on, defined once. Every package may import it."""
+
+IGNORE_INDEX = -100  # a label the loss skips: transformers' and torch's cross-entropy convention
+NUM_FRAMES = 8  # frames sampled uniformly from a video (a file or a folder of frames) by default
