@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from cli import format_help, prog
+from constants import NUM_FRAMES
 from model.connectors import CONNECTORS
 from patches import settle_cpu_distributed_state
 from run.environment import cap_dataloader_workers, check_logging
@@ -239,7 +240,7 @@ class DataArguments:
         },
     )
     num_frames: int = field(
-        default=8, metadata={"help": "Frames sampled uniformly from each video (a folder of frames)."}
+        default=NUM_FRAMES, metadata={"help": "Frames sampled uniformly from each video (a folder of frames)."}
     )
     data_check_cache: str | None = field(
         default=None, metadata={"help": "Cache of data checks; default ~/.cache/vlm-finetune/data-check."}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from constants import NUM_FRAMES
 from data.dataset import read_records
 from data.media import load_image, load_video_frames
 from data.messages import as_llava_file
@@ -35,7 +36,7 @@ class InferArguments:
     video: str | None = field(
         default=None, metadata={"help": "A video file (mp4, ...) or a folder of frames for --prompt."}
     )
-    num_frames: int = field(default=8, metadata={"help": "Frames sampled from a video."})
+    num_frames: int = field(default=NUM_FRAMES, metadata={"help": "Frames sampled from a video."})
     prompt: str | None = field(default=None, metadata={"help": "The question."})
     data: str | None = field(
         default=None,

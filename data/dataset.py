@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from constants import IGNORE_INDEX, NUM_FRAMES
 from data.media import load_record_media, record_media_count
 from data.prompt import (
-    IGNORE_INDEX,
     SampleTooLong,
     check_fully_masked_share,
     llava_to_messages,
@@ -69,7 +69,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         image_token_index: int,
         max_length: int,
         skip: Collection[int] = (),
-        num_frames: int = 8,
+        num_frames: int = NUM_FRAMES,
     ):
         """`skip`: positions of records left out (the bad ones under --skip_bad_samples);
         `num_frames`: frames sampled from each video."""

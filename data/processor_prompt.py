@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from constants import IGNORE_INDEX, NUM_FRAMES
 from data.dataset import record_messages
 from data.media import image_paths, image_size, load_record_media
 from data.prompt import (
-    IGNORE_INDEX,
     IMAGE_MARKER,
     SampleTooLong,
     TemplateMismatch,
@@ -188,7 +188,7 @@ class ProcessorDataset(torch.utils.data.Dataset):
     model's processor (the data check before step 1 has opened every image and, where the
     processor states it, counted each image's tokens: `ImageTokenCount`)."""
 
-    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = 8,
+    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = NUM_FRAMES,
                  image_tokens: ImageTokenCount | None = None):
         """`image_tokens`: the data check's count, if it made one (else made when lengths are asked)."""
         self.records, self.image_folder, self.num_frames = records, image_folder, num_frames

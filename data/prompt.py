@@ -6,9 +6,10 @@ ways. Conversations are lists of {"role": "user" | "assistant" | "system", "cont
 
 from __future__ import annotations
 
+from constants import IGNORE_INDEX
+
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"  # a video's sampled frames, one <image> each, in time order
-IGNORE_INDEX = -100
 # LLaVA's speaker names, and the chat names some converted sets use instead.
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from constants import IGNORE_INDEX, NUM_FRAMES
 from data.media import (
     ImageError,
     image_size,
@@ -34,7 +35,6 @@ from data.media import (
     video_length,
 )
 from data.prompt import (
-    IGNORE_INDEX,
     IMAGE_MARKER,
     LLAVA_ROLES,
     MAX_FULLY_MASKED_SHARE,
@@ -394,7 +394,7 @@ def validate_data_file(
     max_length: int,
     image_folder: str | None,
     num_workers: int = 4,
-    num_frames: int = 8,
+    num_frames: int = NUM_FRAMES,
     image_tokens: ImageTokenCounter | None = None,
 ) -> Report:
     """Reads, checks and tokenizes every record and decodes every image (once, `num_workers`
@@ -472,7 +472,7 @@ def cache_key(data_path: str, tokenizer, num_image_tokens, image_token_index, ma
 
 
 def validate_cached(data_path, tokenizer, num_image_tokens, image_token_index, max_length, image_folder,
-                    cache_dir: str | None = None, num_frames: int = 8,
+                    cache_dir: str | None = None, num_frames: int = NUM_FRAMES,
                     image_tokens: ImageTokenCounter | None = None) -> Report:
     """`validate_data_file`, or its stored report when this file was checked with the same
     settings before."""

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from constants import IGNORE_INDEX
+
 # Logits computed at once: [C, V] with C = CHUNK_ELEMENTS // V rows (220 at a 152k vocabulary:
 # 128 MiB in fp32), and every row in one chunk at a small vocabulary.
 CHUNK_ELEMENTS = 2**25
-IGNORE_INDEX = -100
 
 
 class LinearCrossEntropy(torch.autograd.Function):

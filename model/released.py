@@ -22,6 +22,7 @@ from transformers import (
     AutoVideoProcessor,
 )
 
+from constants import IGNORE_INDEX
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
 from model.quantization import load_kwargs
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
@@ -217,7 +218,7 @@ class ReleasedVLM(VLMBase):
         def probe(own: bool):
             # One text token (a label, never an image's): a one-row product both ways, also for a
             # model that ignores logits_to_keep (two rows' product may round differently).
-            first = labels[labels != -100][:1][None]  # [1, 1]
+            first = labels[labels != IGNORE_INDEX][:1][None]  # [1, 1]
             if own:
                 return self.base(input_ids=first, logits_to_keep=1).logits[:, -1:]  # [1, 1, V]
             return self.output_head()(self.base.model(input_ids=first).last_hidden_state)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from constants import IGNORE_INDEX
 from model.components import component_of, module_table
 from model.loss import linear_cross_entropy
 
@@ -74,8 +75,8 @@ class VLMBase(nn.Module):
         Fused with the loss, chunk by chunk, and no logits returned, when the model's logits are
         its head's output and nothing more (`head_is_plain`); otherwise its own head's logits.
         """
-        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, L]; t predicts t + 1
-        keep = shift_labels != -100  # [B, L]
+        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, L]; t predicts t + 1
+        keep = shift_labels != IGNORE_INDEX  # [B, L]
         if self.fused_loss is None:
             self.fused_loss = self.head_is_plain(probe)
         if self.fused_loss:
@@ -116,7 +117,7 @@ def present_classes(model: nn.Module, declared: list[str]) -> list[str]:
 
 
 def zero_loss_if_all_masked(out, labels):
-    if labels is not None and not (labels[:, 1:] != -100).any():
+    if labels is not None and not (labels[:, 1:] != IGNORE_INDEX).any():
         # Every label masked (after the shift): the loss is 0/0 = NaN, which would poison the
         # weights. A zero that keeps the graph (every rank still syncs) instead.
         out.loss = out.logits.sum() * 0.0

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from constants import NUM_FRAMES
 from data.dataset import record_messages
 from data.media import load_record_media
 from data.processor_prompt import encode_batch
@@ -67,7 +68,7 @@ def generate_answers(
     return [text.strip() for text in text_tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def first_question(record: dict, image_folder: str | None, num_frames: int = 8) -> tuple[list[dict], list, str | None]:
+def first_question(record: dict, image_folder: str | None, num_frames: int = NUM_FRAMES) -> tuple[list[dict], list, str | None]:
     """(messages up to the first answer, images or video frames, expected answer) of a record: the
     one rule for the question a record asks, in infer.py --data, train.py's evaluation and the web
     page's picker. A system turn before the question is kept."""
@@ -85,7 +86,7 @@ def exact_match(prediction: str, answer: str | None) -> bool:
 
 
 def predict_records(
-    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=MAX_NEW_TOKENS, num_frames=8
+    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=MAX_NEW_TOKENS, num_frames=NUM_FRAMES
 ):
     """One {"id", "prediction", "answer"} per record, answering its first human turn."""
     results = []
@@ -114,7 +115,7 @@ class HeldOut:
     image_folder: str | None
     tokenizer: Any
     image_processor: Any
-    num_frames: int = 8
+    num_frames: int = NUM_FRAMES
 
     def __len__(self) -> int:
         return len(self.records)

@@ -35,6 +35,7 @@ from PIL import Image
 from transformers import HfArgumentParser, set_seed
 
 from config import ConfigError
+from constants import NUM_FRAMES
 from data.dataset import read_records
 from data.media import load_image, record_media
 from data.messages import as_llava_file
@@ -58,7 +59,7 @@ class WebDemoArguments:
     port: int = field(default=7860)
     data: str | None = field(default=None, metadata={"help": "LLaVA .json/.jsonl whose records the page offers."})
     image_folder: str | None = field(default=None, metadata={"help": "Root of --data's image paths."})
-    num_frames: int = field(default=8, metadata={"help": "Frames sampled from a --data video record."})
+    num_frames: int = field(default=NUM_FRAMES, metadata={"help": "Frames sampled from a --data video record."})
     compare_base: bool = field(default=True, metadata={"help": "Load the base a second time (twice the memory)."})
 
 

@@ -15,10 +15,10 @@ from helpers import REPO_ROOT, SUBPROCESS_ENV
 from PIL import Image
 
 from config import ModelArguments
+from constants import IGNORE_INDEX
 from data.dataset import read_records
 from data.media import image_size, load_image
 from data.processor_prompt import ImageTokenCount, ProcessorDataset, ProcessorTemplate, encode_batch
-from data.prompt import IGNORE_INDEX
 from data.validate import validate_data_file
 from model.released import load_processor
 from patches import processor_image_tokens
