@@ -204,26 +204,24 @@ class ReleasedVLM(VLMBase):
         if labels is None or not (self.training and torch.is_grad_enabled()):
             out = self.vlm(**inputs, labels=labels)
             return zero_loss_if_all_masked(out, labels)
-        touch = self._image_path_touch(inputs)
+        return self.loss_at_labels(inputs, labels, num_items)
 
-        def hidden_states():
-            return self.base.model(**inputs).last_hidden_state + touch  # [B, L, D]
+    def last_hidden_states(self, inputs: dict) -> torch.Tensor:
+        return self.base.model(**inputs).last_hidden_state + self._image_path_touch(inputs)  # [B, L, D]
 
-        def own_logits(keep):
-            out = self.vlm(**inputs, logits_to_keep=keep)
-            # [N, V]; a model that ignores logits_to_keep (MiniCPM-V 4.6) returns [B, L, V].
-            out.logits = (out.logits if out.logits.dim() == 2 else out.logits[keep]) + touch
-            return out
+    def logits_at(self, inputs: dict, keep: torch.Tensor):
+        out = self.vlm(**inputs, logits_to_keep=keep)
+        # [N, V]; a model that ignores logits_to_keep (MiniCPM-V 4.6) returns [B, L, V].
+        out.logits = (out.logits if out.logits.dim() == 2 else out.logits[keep]) + self._image_path_touch(inputs)
+        return out
 
-        def probe(own: bool):
-            # One text token (a label, never an image's): a one-row product both ways, also for a
-            # model that ignores logits_to_keep (two rows' product may round differently).
-            first = labels[labels != IGNORE_INDEX][:1][None]  # [1, 1]
-            if own:
-                return self.base(input_ids=first, logits_to_keep=1).logits[:, -1:]  # [1, 1, V]
-            return self.output_head()(self.base.model(input_ids=first).last_hidden_state)
-
-        return self.loss_at_labels(labels, num_items, hidden_states, own_logits, probe)
+    def probe_logits(self, inputs: dict, labels: torch.Tensor, own: bool) -> torch.Tensor:
+        # One text token (a label, never an image's): a one-row product both ways, also for a
+        # model that ignores logits_to_keep (two rows' product may round differently).
+        first = labels[labels != IGNORE_INDEX][:1][None]  # [1, 1]
+        if own:
+            return self.base(input_ids=first, logits_to_keep=1).logits[:, -1:]  # [1, 1, V]
+        return self.output_head()(self.base.model(input_ids=first).last_hidden_state)
 
     def _image_path_touch(self, inputs) -> torch.Tensor | float:
         """0.0, or for a text-only batch while the tower or the connector trains, a zero that

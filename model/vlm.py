@@ -65,24 +65,34 @@ class VLMBase(nn.Module):
         """{component: (module, keep(name) or None)}: the base weights a delta depends on."""
         raise NotImplementedError
 
-    def loss_at_labels(self, labels, num_items, hidden_states, own_logits, probe):
-        """The causal-LM loss of a training step, the LM head computed only where the next token
-        has a label (image tokens and prompt, most of a VLM sample, have none).
+    def last_hidden_states(self, inputs: dict) -> torch.Tensor:
+        """[B, L, D]: the LLM's last hidden states for a training step's `inputs`."""
+        raise NotImplementedError
 
-        `hidden_states()` -> [B, L, D], the last hidden states; `own_logits(keep)` -> the model's
-        own output with logits [N, V] at the `keep` [B, L] positions (`logits_to_keep`);
-        `probe(own: bool)` -> one position's logits [1, 1, V], by the model's own head or ours.
-        Fused with the loss, chunk by chunk, and no logits returned, when the model's logits are
-        its head's output and nothing more (`head_is_plain`); otherwise its own head's logits.
+    def logits_at(self, inputs: dict, keep: torch.Tensor):
+        """The model's own output for `inputs`, its logits [N, V] at the `keep` [B, L] positions."""
+        raise NotImplementedError
+
+    def probe_logits(self, inputs: dict, labels: torch.Tensor, own: bool) -> torch.Tensor:
+        """[1, 1, V]: one position's logits, by the model's own head (`own`) or by `output_head()`
+        applied to its last hidden state: `head_is_plain` compares the two."""
+        raise NotImplementedError
+
+    def loss_at_labels(self, inputs: dict, labels: torch.Tensor, num_items):
+        """The causal-LM loss of a training step, the LM head computed only where the next token
+        has a label (image tokens and prompt, most of a VLM sample, have none). Fused with the
+        loss, chunk by chunk, and no logits returned, when the model's logits are its head's
+        output and nothing more (`head_is_plain`); otherwise its own head's logits [N, V].
+        `inputs` is what the subclass's `last_hidden_states` / `logits_at` / `probe_logits` read.
         """
         shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, L]; t predicts t + 1
         keep = shift_labels != IGNORE_INDEX  # [B, L]
         if self.fused_loss is None:
-            self.fused_loss = self.head_is_plain(probe)
+            self.fused_loss = self.head_is_plain(inputs, labels)
         if self.fused_loss:
-            hidden = hidden_states()[keep]  # [N, D]
+            hidden = self.last_hidden_states(inputs)[keep]  # [N, D]
             return CausalLMOutputWithPast(loss=linear_cross_entropy(hidden, self.output_head(), shift_labels[keep], num_items))
-        out = own_logits(keep)  # logits [N, V]
+        out = self.logits_at(inputs, keep)  # logits [N, V]
         out.loss = ForCausalLMLoss(
             out.logits, None, out.logits.shape[-1], num_items_in_batch=num_items, shift_labels=shift_labels[keep]
         )
@@ -93,7 +103,7 @@ class VLMBase(nn.Module):
         LoRA-wrapped or quantized)."""
         return type(self.output_head()) is nn.Linear
 
-    def head_is_plain(self, probe) -> bool:
+    def head_is_plain(self, inputs: dict, labels: torch.Tensor) -> bool:
         """Whether the model's logits are its `nn.Linear` head applied to its last hidden states,
         and nothing more, so that the fused loss may take the head's place. Most are; some change
         the logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling), which
@@ -104,7 +114,7 @@ class VLMBase(nn.Module):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            theirs, ours = probe(own=True), probe(own=False)
+            theirs, ours = self.probe_logits(inputs, labels, own=True), self.probe_logits(inputs, labels, own=False)
         self.train(was_training)
         return theirs.shape == ours.shape and torch.equal(theirs, ours)
 
@@ -209,20 +219,19 @@ class VisionLanguageModel(VLMBase):
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
             return zero_loss_if_all_masked(out, labels)
         num_items = kwargs.pop("num_items_in_batch", None)
+        return self.loss_at_labels({"inputs_embeds": embeds, "attention_mask": attention_mask, **kwargs}, labels, num_items)
 
-        def hidden_states():
-            return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+    def last_hidden_states(self, inputs: dict) -> torch.Tensor:
+        return self.llm.get_decoder()(**inputs).last_hidden_state  # [B, L, D]
 
-        def own_logits(keep):
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+    def logits_at(self, inputs: dict, keep: torch.Tensor):
+        return self.llm(**inputs, logits_to_keep=keep)
 
-        def probe(own: bool):
-            first = embeds[:1, :2].detach()  # [1, 2, D]
-            if own:
-                return self.llm(inputs_embeds=first, logits_to_keep=1).logits  # [1, 1, V]
-            return self.output_head()(self.llm.get_decoder()(inputs_embeds=first).last_hidden_state[:, -1:])
-
-        return self.loss_at_labels(labels, num_items, hidden_states, own_logits, probe)
+    def probe_logits(self, inputs: dict, labels: torch.Tensor, own: bool) -> torch.Tensor:
+        first = inputs["inputs_embeds"][:1, :2].detach()  # [1, 2, D]
+        if own:
+            return self.llm(inputs_embeds=first, logits_to_keep=1).logits  # [1, 1, V]
+        return self.output_head()(self.llm.get_decoder()(inputs_embeds=first).last_hidden_state[:, -1:])
 
     def output_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
