@@ -59,7 +59,7 @@ def main(argv=None):
         raise SystemExit("Give either --prompt (with --image or --video) or --data, not both.")
     if args.image and args.video:
         raise SystemExit("Give --image or --video, not both.")
-    model, tokenizer, image_processor, _ = load_checkpoint(
+    model, inputs, _ = load_checkpoint(
         args.checkpoint, args.base_vision, args.base_llm, args.allow_base_mismatch, bits=args.bits
     )
     if args.prompt is not None:
@@ -71,13 +71,13 @@ def main(argv=None):
             messages = question_messages(args.prompt, len(images), video=bool(args.video))
         except MarkerMismatch as error:
             raise SystemExit(f"--prompt has {error}") from error
-        (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], args.max_new_tokens)
+        (answer,) = generate_answers(model, inputs, [(messages, images)], args.max_new_tokens)
         print(answer)
         return
     with tempfile.TemporaryDirectory() as scratch:  # a messages-format dataset's conversion
         data_path, image_folder = as_llava_file(args.data, args.image_folder, scratch, args.split)
         results = predict_records(
-            model, tokenizer, image_processor, read_records(data_path), image_folder, args.batch_size,
+            model, inputs, read_records(data_path), image_folder, args.batch_size,
             args.max_new_tokens, args.num_frames,
         )
     if args.output:

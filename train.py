@@ -15,15 +15,12 @@ import os
 from transformers import TrainerState, set_seed
 
 from config import parse_config, save_resolved_config
-from data.dataset import Collator, SupervisedDataset, read_records
+from data.dataset import read_records
 from data.messages import use_messages_dataset
-from data.processor_prompt import ImageTokenCount, ProcessorCollator, ProcessorDataset, ProcessorTemplate
 from data.sampler import modality_length_sampler
-from data.validate import check_training_data
-from model.build import load_processors
 from model.freeze import apply_freeze_policy, format_table
-from model.released import load_processor
 from run.checkpoint import MANIFEST, load_base, load_delta
+from run.inputs import model_inputs
 from run.predict import HeldOut, accuracy
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
@@ -44,39 +41,19 @@ def prepare_demo_assets(model_args, data_args, train_args) -> None:
             )
 
 
-def training_data(model, model_args, data_args, train_args):
-    """(dataset, collator, (tokenizer, image_processor)) of the checked records. A composed base
-    tokenizes with its LLM's tokenizer and our `<image>` expansion; a released VLM builds every
-    sample with its own processor (data/processor_prompt.py), returned as (processor, None). The
-    check before step 1 reads records the same way."""
-    image_tokens = None  # a composed base's image is always model.num_image_tokens long
-    if model_args.vlm_model:
-        processor = load_processor(model_args, data_args.chat_template)
-        tokenizer, image_tokens = ProcessorTemplate(processor), ImageTokenCount(processor)
-    else:
-        tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+def training_data(inputs, data_args, train_args):
+    """(dataset, collator) of the checked records, built by the base's own inputs object
+    (data/inputs.py). The check before step 1 runs on rank 0 first; the others read its cache."""
     with train_args.main_process_first(desc="data check"):
-        skip = check_training_data(
-            data_args, tokenizer, model.num_image_tokens, model.image_token_index,
-            train_args.output_dir if train_args.should_save else None, image_tokens,
-        )
-    if model_args.vlm_model:
-        records = read_records(data_args.data_path, skip)
-        dataset = ProcessorDataset(records, data_args.image_folder, processor, data_args.num_frames, image_tokens)
-        return dataset, ProcessorCollator(processor, data_args.max_length, model.prefix_lm), (processor, None)
-    dataset = SupervisedDataset(
-        data_args.data_path, data_args.image_folder, tokenizer, model.num_image_tokens, model.image_token_index,
-        data_args.max_length, skip=skip, num_frames=data_args.num_frames,
-    )
-    return dataset, Collator(tokenizer.pad_token_id, image_processor), (tokenizer, image_processor)
+        skip = inputs.check_data(data_args, train_args.output_dir if train_args.should_save else None)
+    return inputs.training_set(data_args, skip), inputs.collator(data_args.max_length)
 
 
-def held_out_records(data_args, processors) -> HeldOut | None:
-    """--eval_data_path's records with the prompt builder training used; None without it."""
+def held_out_records(data_args, inputs) -> HeldOut | None:
+    """--eval_data_path's records, asked with the prompt builder training used; None without it."""
     if not data_args.eval_data_path:
         return None
-    return HeldOut(read_records(data_args.eval_data_path), data_args.eval_image_folder, *processors,
-                   num_frames=data_args.num_frames)
+    return HeldOut(read_records(data_args.eval_data_path), data_args.eval_image_folder, inputs, data_args.num_frames)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -133,15 +110,16 @@ def main(argv=None):
 
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
-    train_dataset, collator, processors = training_data(model, model_args, data_args, train_args)
-    held_out = held_out_records(data_args, processors)
+    inputs = model_inputs(model, model_args, data_args.chat_template)
+    train_dataset, collator = training_data(inputs, data_args, train_args)
+    held_out = held_out_records(data_args, inputs)
     evaluates = train_args.eval_strategy != "no"  # config.check_evaluation: then held_out is set
     trainer = VLMTrainer(
         model=model,
         args=train_args,
         train_dataset=train_dataset,
         data_collator=collator,
-        processing_class=processors[0],
+        processing_class=inputs.processing_class,
         # Evaluation during training (VLMTrainer.evaluate): one seeded sample for the whole run.
         eval_dataset=held_out.sample(data_args.eval_max_samples, train_args.seed) if evaluates else None,
         parent_checkpoint=train_args.init_from,

@@ -83,7 +83,7 @@ def build_model(args, weights: bool = True) -> VLMBase:
     return VisionLanguageModel(vision, connector, llm, connector.num_tokens, args)
 
 
-def load_processors(args, chat_template_path: str | None = None):
+def load_tokenizer_and_image_processor(args, chat_template_path: str | None = None):
     """(tokenizer, image_processor) of the base, with an optional chat template file."""
     tokenizer = AutoTokenizer.from_pretrained(args.llm_model, revision=args.llm_revision)
     if chat_template_path:

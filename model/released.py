@@ -29,7 +29,7 @@ from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
 
 
-def load_processor(args, chat_template_path: str | None = None, need_template: bool = True):
+def load_released_processor(args, chat_template_path: str | None = None, need_template: bool = True):
     """The model's own processor: chat template, tokenizer, image (and video) processor; the
     pixel budget from the config where the family has one (Qwen2-VL's min_pixels/max_pixels);
     a .jinja file replaces its chat template (PaliGemma ships none; the model's build needs none)."""
@@ -142,7 +142,7 @@ def build_released(args, weights: bool = True) -> ReleasedVLM:
         ))
     model = ReleasedVLM(vlm, args, table)
     if weights:
-        processor = load_processor(args, need_template=False)  # with the pixel budget, as the data's
+        processor = load_released_processor(args, need_template=False)  # with the pixel budget, as the data's
         model.blank_image_inputs = blank_image_inputs(processor)
         model.image_token_index = processor.image_token_id
     return model

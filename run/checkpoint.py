@@ -28,10 +28,10 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from config import ModelArguments
-from model.build import build_model, load_processors
+from model.build import build_model
 from model.freeze import apply_freeze_policy, is_lora
-from model.released import load_processor
 from run.fingerprint import fingerprint
+from run.inputs import model_inputs
 from run.sharding import full_shape, gathered
 
 FORMAT_VERSION = 1
@@ -290,8 +290,9 @@ def load_checkpoint(
 ):
     """Base (from the manifest, or the overrides) -> fingerprint check -> strict delta load.
 
-    Returns (model, tokenizer, image_processor, manifest), the model in eval mode; for a
-    released VLM, (model, processor, None, manifest).
+    Returns (model, inputs, manifest): the model in eval mode, and its inputs object
+    (data/inputs.py: prompts, batches and decoding for the base's kind) with the checkpoint's
+    chat template.
     """
     args = checkpoint_model_args(ckpt_dir, vision_model=base_vision, llm_model=base_llm, **model_overrides)
     model = load_base(args)
@@ -309,8 +310,7 @@ def load_checkpoint(
     load_delta(model, ckpt_dir, allow_base_mismatch=allow_base_mismatch)
     template = os.path.join(ckpt_dir, CHAT_TEMPLATE)
     template = template if os.path.isfile(template) else None
-    # A released VLM's processor does both jobs (see run.predict.prompt_batch).
-    tokenizer, image_processor = (load_processor(args, template), None) if args.vlm_model else load_processors(args, template)
+    inputs = model_inputs(model, args, template)
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizer, image_processor, manifest
+    return model, inputs, manifest

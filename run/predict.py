@@ -6,66 +6,36 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any
 
 import torch
 
 from constants import NUM_FRAMES
 from data.dataset import record_messages
+from data.inputs import ModelInputs, Prompt
 from data.media import load_record_media
-from data.processor_prompt import encode_batch
-from data.prompt import IMAGE_MARKER, tokenize_prompt
+from data.prompt import IMAGE_MARKER
 
 # One default for infer.py, evaluation in train.py and the web page.
 MAX_NEW_TOKENS = 64
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so every prompt ends where generation starts."""
-    longest = max(map(len, sequences))
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, longest - len(seq) :] = torch.tensor(seq)
-        mask[row, longest - len(seq) :] = 1
-    return ids, mask
-
-
-def prompt_batch(model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]]) -> dict:
-    """Left-padded inputs of prompts awaiting their answers, built by the one prompt builder of
-    the model's kind: a composed base's (`tokenizer`, `image_processor`), or a released VLM's
-    processor (passed as `tokenizer`, with `image_processor` None)."""
-    if image_processor is None:
-        return encode_batch(tokenizer, prompts, add_generation_prompt=True)
-    sequences, images = [], []
-    for messages, prompt_images in prompts:
-        sequences.append(tokenize_prompt(tokenizer, messages, model.num_image_tokens, model.image_token_index))
-        images += prompt_images
-    input_ids, attention_mask = _left_pad(sequences, tokenizer.pad_token_id)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if images:
-        batch["pixel_values"] = image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return batch
-
-
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, image_processor, prompts: list[tuple[list[dict], list]], max_new_tokens=MAX_NEW_TOKENS,
-    do_sample=False, temperature=1.0,
+    model, inputs: ModelInputs, prompts: list[Prompt], max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=1.0,
 ) -> list[str]:
-    """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings."""
+    """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings, through the
+    base's own prompt builder (`inputs`, data/inputs.py)."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in prompt_batch(model, tokenizer, image_processor, prompts).items()}
-    text_tokenizer = tokenizer if image_processor is not None else tokenizer.tokenizer
+    batch = {k: v.to(device) for k, v in inputs.prompt_batch(prompts).items()}
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
     new_tokens = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
-        pad_token_id=text_tokenizer.pad_token_id,
-        eos_token_id=text_tokenizer.eos_token_id,
+        pad_token_id=inputs.text_tokenizer.pad_token_id,
+        eos_token_id=inputs.text_tokenizer.eos_token_id,
         **sampling,
     )
-    return [text.strip() for text in text_tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return inputs.decode(new_tokens)
 
 
 def first_question(record: dict, image_folder: str | None, num_frames: int = NUM_FRAMES) -> tuple[list[dict], list, str | None]:
@@ -86,16 +56,14 @@ def exact_match(prediction: str, answer: str | None) -> bool:
 
 
 def predict_records(
-    model, tokenizer, image_processor, records, image_folder, batch_size=32, max_new_tokens=MAX_NEW_TOKENS, num_frames=NUM_FRAMES
+    model, inputs: ModelInputs, records, image_folder, batch_size=32, max_new_tokens=MAX_NEW_TOKENS, num_frames=NUM_FRAMES
 ):
     """One {"id", "prediction", "answer"} per record, answering its first human turn."""
     results = []
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
         questions = [first_question(r, image_folder, num_frames) for r in batch]
-        answers = generate_answers(
-            model, tokenizer, image_processor, [(m, imgs) for m, imgs, _ in questions], max_new_tokens
-        )
+        answers = generate_answers(model, inputs, [(m, imgs) for m, imgs, _ in questions], max_new_tokens)
         for record, (_, _, expected), prediction in zip(batch, questions, answers, strict=True):
             results.append({"id": record.get("id"), "prediction": prediction, "answer": expected})
     return results
@@ -108,13 +76,11 @@ def accuracy(results: list[dict]) -> float:
 @dataclasses.dataclass
 class HeldOut:
     """Held-out records and what asks them: every argument of `predict_records` but the model.
-    `tokenizer` and `image_processor` as `prompt_batch` takes them (a released VLM: its processor
-    and None). The Trainer holds one as its `eval_dataset` (run/trainer.py)."""
+    The Trainer holds one as its `eval_dataset` (run/trainer.py)."""
 
     records: list[dict]
     image_folder: str | None
-    tokenizer: Any
-    image_processor: Any
+    inputs: ModelInputs
     num_frames: int = NUM_FRAMES
 
     def __len__(self) -> int:
@@ -131,6 +97,6 @@ class HeldOut:
     def predict(self, model, shard: int = 0, shards: int = 1) -> list[dict]:
         """`predict_records` on every `shards`-th record from `shard` on (one rank's share)."""
         return predict_records(
-            model, self.tokenizer, self.image_processor, self.records[shard::shards], self.image_folder,
+            model, self.inputs, self.records[shard::shards], self.image_folder,
             num_frames=self.num_frames,
         )

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 
 from config import DEMO_CONFIG, DataArguments, ModelArguments
 from data.dataset import Collator, SupervisedDataset
-from model.build import load_processors
+from model.build import load_tokenizer_and_image_processor
 from model.vlm import IMAGE_TOKEN_INDEX
 from scripts.check_data import num_image_tokens
 from tools.synthetic import make_demo_dataset, vocabulary
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     make_demo_assets(model_args, data_args)
 
     start = time.perf_counter()
-    tokenizer, image_processor = load_processors(model_args, data_args.chat_template)
+    tokenizer, image_processor = load_tokenizer_and_image_processor(model_args, data_args.chat_template)
     dataset = SupervisedDataset(
         data_args.data_path, data_args.image_folder, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX, data_args.max_length, num_frames=data_args.num_frames,
     )

@@ -27,9 +27,9 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from config import DataArguments, ModelArguments
 from data.processor_prompt import ImageTokenCount, ProcessorTemplate
 from data.validate import validate_data_file
-from model.build import load_processors
+from model.build import load_tokenizer_and_image_processor
 from model.connectors import CONNECTORS
-from model.released import load_processor
+from model.released import load_released_processor
 from model.vision import VisionTower
 from model.vlm import IMAGE_TOKEN_INDEX
 
@@ -55,9 +55,9 @@ def how_records_are_read(model_args: ModelArguments, data_args: DataArguments):
     train.py's data check reads records: a released VLM through its processor (each image as
     many tokens as the processor makes of its size), a composed base with a fixed count."""
     if model_args.vlm_model:
-        processor = load_processor(model_args, data_args.chat_template)
+        processor = load_released_processor(model_args, data_args.chat_template)
         return ProcessorTemplate(processor), 1, processor.image_token_id, ImageTokenCount(processor)
-    tokenizer, _ = load_processors(model_args, data_args.chat_template)
+    tokenizer, _ = load_tokenizer_and_image_processor(model_args, data_args.chat_template)
     return tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX, None
 
 

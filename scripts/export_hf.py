@@ -162,9 +162,9 @@ def main(argv=None):
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise SystemExit("--out must be a new folder: exporting over the checkpoint would replace it.")
     # bits=16: LoRA merges into unquantized weights, whatever the checkpoint trained on.
-    model, tokenizer, image_processor, _ = load_checkpoint(args.checkpoint, args.base_vision, args.base_llm, bits=16)
+    model, inputs, _ = load_checkpoint(args.checkpoint, args.base_vision, args.base_llm, bits=16)
     if model.build_args.vlm_model:
-        export_released(model, processor=tokenizer, out=args.out)
+        export_released(model, processor=inputs.processor, out=args.out)
         print(f"Wrote {args.out}: AutoModelForImageTextToText + AutoProcessor open it.")
         return
     merge_lora(model)
@@ -174,10 +174,10 @@ def main(argv=None):
         and model.llm.config.model_type in LLAVA_LLMS
     )
     if is_llava:
-        export_llava(model, tokenizer, image_processor, args.out)
+        export_llava(model, inputs.tokenizer, inputs.image_processor, args.out)
         print(f"Wrote a transformers Llava folder to {args.out} (LlavaForConditionalGeneration + LlavaProcessor).")
     else:
-        export_merged(model, tokenizer, image_processor, args.out, args.checkpoint)
+        export_merged(model, inputs.tokenizer, inputs.image_processor, args.out, args.checkpoint)
         print(f"Wrote a merged checkpoint to {args.out}: python infer.py --checkpoint {args.out} ...")
 
 

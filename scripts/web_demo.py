@@ -81,10 +81,10 @@ def build_base(finetuned, manifest: dict):
 
 
 def load_models(args: WebDemoArguments) -> dict:
-    """{"finetuned", "base", "tokenizer", "image_processor", "manifest", "freeze_table"}, or
+    """{"finetuned", "base", "inputs", "manifest", "freeze_table"}, or
     {"error": the loader's message}: a refused checkpoint still gets a page that says why."""
     try:
-        model, tokenizer, image_processor, manifest = load_checkpoint(args.checkpoint)
+        model, inputs, manifest = load_checkpoint(args.checkpoint)
         # The recipe's table, by the function train.py printed it with (the loader applied it too).
         freeze_table = format_table(apply_freeze_policy(model, model.build_args))
         model.requires_grad_(False)
@@ -92,8 +92,7 @@ def load_models(args: WebDemoArguments) -> dict:
     except (CheckpointError, ConfigError, OSError, ValueError) as error:
         print(f"cannot load {args.checkpoint}: {error}", file=sys.stderr)
         return {"error": f"Cannot load checkpoint `{args.checkpoint}`: {error}"}
-    return {"finetuned": model, "base": base, "tokenizer": tokenizer, "image_processor": image_processor,
-            "manifest": manifest, "freeze_table": freeze_table}
+    return {"finetuned": model, "base": base, "inputs": inputs, "manifest": manifest, "freeze_table": freeze_table}
 
 
 def read_state(ckpt_dir: str) -> dict:
@@ -239,7 +238,7 @@ def answer(models: dict, gallery, question: str, max_new_tokens: int, mode: str,
         return "", "", f"**Error:** {error}"
     sampling = {"do_sample": mode == "sample", "temperature": temperature}
     answers = [
-        generate_answers(m, models["tokenizer"], models["image_processor"], prompt, int(max_new_tokens), **sampling)[0]
+        generate_answers(m, models["inputs"], prompt, int(max_new_tokens), **sampling)[0]
         if m is not None else "(not loaded: --compare_base false)"
         for m in (models["finetuned"], models["base"])
     ]

@@ -13,7 +13,7 @@ from helpers import tiny_model_args
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.build import load_processors
+from model.build import load_tokenizer_and_image_processor
 from model.freeze import apply_freeze_policy, is_lora
 from model.vlm import IMAGE_TOKEN_INDEX
 from run.checkpoint import (
@@ -97,7 +97,7 @@ def build_trained(args, batch_seed: int = 0):
 
 def assert_round_trip(model, batch, ckpt_dir, delta_param_names):
     expected = logits(model, batch)
-    loaded, _, _, manifest = load_checkpoint(ckpt_dir)
+    loaded, _, manifest = load_checkpoint(ckpt_dir)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
     # Only the delta is on disk: its tensors exactly, plus adapters, configs and the template.
     limit = param_bytes(model, delta_param_names) * 1.01 + 2**20
@@ -109,7 +109,7 @@ def assert_round_trip(model, batch, ckpt_dir, delta_param_names):
 def test_round_trip_reproduces_logits(recipe, tiny_base, tmp_path):
     args = tiny_model_args(tiny_base, **RECIPES[recipe])
     model, batch = build_trained(args)
-    tokenizer, _ = load_processors(args)
+    tokenizer, _ = load_tokenizer_and_image_processor(args)
     save_checkpoint(model, str(tmp_path), tokenizer)
 
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -130,7 +130,7 @@ def test_freeze_lora_stage_two_stands_alone(tiny_base, tmp_path):
     inherited_only = {"vision.encoder.pre_layrnorm.weight", "vision.encoder.pre_layrnorm.bias"}
     args1 = tiny_model_args(tiny_base, **LORA, trainable_regex=[r"pre_layrnorm"])
     stage1, _ = build_trained(args1)
-    tokenizer, _ = load_processors(args1)
+    tokenizer, _ = load_tokenizer_and_image_processor(args1)
     save_checkpoint(stage1, stage1_dir, tokenizer)
 
     args2 = tiny_model_args(tiny_base, **LORA, freeze_lora=True)
@@ -165,7 +165,7 @@ def saved_lora(tiny_base, tmp_path_factory) -> dict:
     args = tiny_model_args(tiny_base, **LORA)
     model, batch = build_trained(args)
     path = str(tmp_path_factory.mktemp("saved_lora"))
-    save_checkpoint(model, path, load_processors(args)[0])
+    save_checkpoint(model, path, load_tokenizer_and_image_processor(args)[0])
     return {"path": path, "batch": batch, "logits": logits(model, batch), "fingerprint": model.base_fingerprint}
 
 

@@ -755,21 +755,21 @@ def mixed_checkpoint(mixed_run):
 
 
 def test_multi_image_and_video_records_infer(mixed_run, mixed_checkpoint):
-    model, tokenizer, image_processor, _ = mixed_checkpoint
+    model, inputs, _ = mixed_checkpoint
     records = read_records(mixed_run["data"], skip={5})
     prompts = {r["id"]: first_question(r, mixed_run["media"], num_frames=2) for r in records}
     for record_id, images in (("single", 1), ("two", 2), ("video", 2), ("movie", 2), ("text", 0)):
         messages, loaded, _ = prompts[record_id]
-        ids = tokenize_prompt(tokenizer, messages, model.num_image_tokens, model.image_token_index)
+        ids = tokenize_prompt(inputs.tokenizer, messages, model.num_image_tokens, model.image_token_index)
         assert (len(loaded), ids.count(model.image_token_index)) == (images, images * model.num_image_tokens)
-    results = predict_records(model, tokenizer, image_processor, records, mixed_run["media"], num_frames=2)
+    results = predict_records(model, inputs, records, mixed_run["media"], num_frames=2)
     assert [r["id"] for r in results] == ["single", "two", "video", "movie", "text"]
     assert all(isinstance(r["prediction"], str) for r in results)
 
 
 def spy_on_generation(monkeypatch):
     calls = []
-    monkeypatch.setattr(infer, "generate_answers", lambda model, tok, proc, prompts, n: calls.append(prompts) or ["ok"])
+    monkeypatch.setattr(infer, "generate_answers", lambda model, inputs, prompts, n: calls.append(prompts) or ["ok"])
     return calls
 
 
@@ -784,8 +784,8 @@ def test_infer_takes_several_images_in_order(mixed_run, mixed_checkpoint, monkey
     with pytest.raises(SystemExit, match="1 <image> markers for 2 images"):
         infer.main(["--checkpoint", mixed_run["out"], "--image", red, blue, "--prompt", "<image> which?"])
     # And the real model answers that prompt (it raises when image tokens and images disagree).
-    model, tokenizer, image_processor, _ = mixed_checkpoint
-    (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], max_new_tokens=4)
+    model, inputs, _ = mixed_checkpoint
+    (answer,) = generate_answers(model, inputs, [(messages, images)], max_new_tokens=4)
     assert isinstance(answer, str)
 
 
@@ -807,6 +807,6 @@ def test_infer_takes_a_video_file(mixed_run, mixed_checkpoint, monkeypatch):
     ((messages, images),) = calls[0]
     assert messages == [{"role": "user", "content": "<image><image><image>\nWhat color?"}]
     assert [frame_number(image) for image in images] == [1, 3, 5]  # of 6
-    model, tokenizer, image_processor, _ = mixed_checkpoint
-    (answer,) = generate_answers(model, tokenizer, image_processor, [(messages, images)], max_new_tokens=4)
+    model, inputs, _ = mixed_checkpoint
+    (answer,) = generate_answers(model, inputs, [(messages, images)], max_new_tokens=4)
     assert isinstance(answer, str)

@@ -26,9 +26,8 @@ import scripts.web_demo
 import train
 from config import DEFAULT_EVAL_STEPS, ConfigError, ModelArguments, TrainArguments, parse_config
 from data.dataset import read_records
-from model.build import load_processors
-from model.released import load_processor
 from run.checkpoint import load_base
+from run.inputs import model_inputs
 from run.predict import HeldOut
 from run.trainer import VLMTrainer
 
@@ -90,7 +89,7 @@ def test_logging_steps_default_is_a_fraction_of_the_run_and_a_configs_count_is_k
 
 
 def test_sample_is_seeded_bounded_and_in_file_order():
-    held_out = HeldOut([{"id": i} for i in range(50)], None, None, None)
+    held_out = HeldOut([{"id": i} for i in range(50)], None, None)
     sample = held_out.sample(10, seed=0)
     ids = [r["id"] for r in sample.records]
     assert len(ids) == 10 and ids == sorted(ids)
@@ -104,12 +103,13 @@ def test_sample_is_seeded_bounded_and_in_file_order():
 
 @pytest.fixture(params=["composed", "released"])
 def base(request, tiny_base, released_vlm):
-    """(model, (tokenizer, image_processor)) as train.py's training_data returns them."""
+    """(model, its inputs object) as train.py builds them."""
     if request.param == "composed":
         args = tiny_model_args(tiny_base)
-        return load_base(args), load_processors(args)
-    args = ModelArguments(vlm_model=released_vlm("qwen2_5_vl"))
-    return load_base(args), (load_processor(args), None)
+    else:
+        args = ModelArguments(vlm_model=released_vlm("qwen2_5_vl"))
+    model = load_base(args)
+    return model, model_inputs(model, args)
 
 
 def with_answers(records: list[dict], answers: list[str]) -> list[dict]:
@@ -120,15 +120,15 @@ def with_answers(records: list[dict], answers: list[str]) -> list[dict]:
 
 
 def test_evaluate_scores_generated_answers_logs_them_and_resumes_training_mode(base, demo_data, tmp_path):
-    model, processors = base
+    model, inputs = base
     records = read_records(demo_data["eval"])[:4]
     model.eval()
-    predictions = [r["prediction"] for r in HeldOut(records, demo_data["image_folder"], *processors).predict(model)]
+    predictions = [r["prediction"] for r in HeldOut(records, demo_data["image_folder"], inputs).predict(model)]
     # Two records whose answer is what the model says, two whose answer it cannot be.
     answers = predictions[:2] + [p + " and more" for p in predictions[2:]]
-    held_out = HeldOut(with_answers(records, answers), demo_data["image_folder"], *processors)
+    held_out = HeldOut(with_answers(records, answers), demo_data["image_folder"], inputs)
     args = TrainArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="steps", eval_steps=1)
-    trainer = VLMTrainer(model=model, args=args, eval_dataset=held_out, processing_class=processors[0])
+    trainer = VLMTrainer(model=model, args=args, eval_dataset=held_out, processing_class=inputs.processing_class)
 
     model.train()
     metrics = trainer.evaluate()

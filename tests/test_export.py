@@ -25,9 +25,9 @@ import infer
 from config import ModelArguments
 from data.processor_prompt import encode_batch
 from data.prompt import tokenize_prompt
-from model.build import load_processors
+from model.build import load_tokenizer_and_image_processor
 from model.freeze import apply_freeze_policy
-from model.released import load_processor
+from model.released import load_released_processor
 from model.vision import load_vision_encoder
 from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
 from run.predict import generate_answers
@@ -50,7 +50,7 @@ def perturbed_checkpoint(args, path: str) -> str:
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=g) * 0.1)
-    save_checkpoint(model, path, load_processors(args)[0])
+    save_checkpoint(model, path, load_tokenizer_and_image_processor(args)[0])
     return path
 
 
@@ -72,7 +72,8 @@ def our_input_ids(model, tokenizer) -> torch.Tensor:
 
 
 def assert_llava_matches(ckpt: str, out: str, base_vision: str) -> None:
-    ours, tokenizer, _, _ = load_checkpoint(ckpt)
+    ours, inputs, _ = load_checkpoint(ckpt)
+    tokenizer = inputs.tokenizer
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     inputs = llava_inputs(out)
 
@@ -141,7 +142,7 @@ def test_llava_export_adds_the_image_token_when_the_tokenizer_lacks_it(tiny_base
             f.write(text.replace("<image>", "<unused_0>"))
     base = {"vision": tiny_base["vision"], "llm": llm}
     ckpt = perturbed_checkpoint(tiny_model_args(base, **LORA, lora_target="both"), str(tmp_path / "ckpt"))
-    vocab = len(load_processors(tiny_model_args(base))[0])
+    vocab = len(load_tokenizer_and_image_processor(tiny_model_args(base))[0])
     out = str(tmp_path / "hf")
     export_main(["--checkpoint", ckpt, "--out", out])
     processor = LlavaProcessor.from_pretrained(out)
@@ -155,13 +156,14 @@ def test_resampler_export_opens_without_the_base(tiny_base, tmp_path, capsys):
         tiny_base, **LORA, lora_target="both", connector="resampler", resampler_num_queries=16, resampler_num_heads=4
     )
     ckpt = perturbed_checkpoint(args, str(tmp_path / "ckpt"))
-    before, tokenizer, image_processor, _ = load_checkpoint(ckpt)
+    before, inputs, _ = load_checkpoint(ckpt)
+    tokenizer, image_processor = inputs.tokenizer, inputs.image_processor
     ids = our_input_ids(before, tokenizer)
     pixel_values = image_processor(images=image(), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         expected = before(input_ids=ids, pixel_values=pixel_values).logits
     prompt = [([{"role": "user", "content": "<image>\n" + QUESTION}], [image()])]
-    (expected_answer,) = generate_answers(before, tokenizer, image_processor, prompt, max_new_tokens=5)
+    (expected_answer,) = generate_answers(before, inputs, prompt, max_new_tokens=5)
 
     out = str(tmp_path / "merged")
     export_main(["--checkpoint", ckpt, "--out", out])
@@ -206,14 +208,15 @@ def test_released_vlm_export_opens_in_transformers_and_answers_as_infer(family, 
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
-    processor = load_processor(args)
+    processor = load_released_processor(args)
     ckpt = str(tmp_path / "ckpt")
     save_checkpoint(model, ckpt, processor)
     export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")])
 
     exported = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
     exported_processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
-    loaded, loaded_processor, _, _ = load_checkpoint(ckpt)
+    loaded, loaded_inputs, _ = load_checkpoint(ckpt)
+    loaded_processor = loaded_inputs.processor
     image = Image.new("RGB", (48, 48), (200, 30, 30))
     prompt = [([{"role": "user", "content": "<image>\nWhat color is it?"}], [image])]
     ours = encode_batch(loaded_processor, prompt, add_generation_prompt=True)

@@ -19,7 +19,7 @@ from test_freeze import RECIPES, fixed_batch
 from config import ModelArguments, parse_config
 from data.processor_prompt import encode_batch
 from model.freeze import apply_freeze_policy
-from model.released import load_processor
+from model.released import load_released_processor
 from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
 from tools.memory import format_plan, plan_memory
@@ -243,7 +243,7 @@ def released_plan_and_batch(released_vlm, family: str, recipe: str):
     image = Image.new("RGB", (side, side), (120, 30, 200))
     turns = [{"role": "user", "content": "<image>\nWhat color is it? Describe it at length."},
              {"role": "assistant", "content": "purple, a deep and even purple " * 3}]
-    batch = encode_batch(load_processor(args), [(turns, [image])] * 4, prefix_lm=model.prefix_lm)
+    batch = encode_batch(load_released_processor(args), [(turns, [image])] * 4, prefix_lm=model.prefix_lm)
     batch_size, seq_len = batch["input_ids"].shape
     supervised = int((batch["labels"][:, 1:] != -100).sum())  # logits only where a label is
     plan = plan_memory(model, batch_size, seq_len, False, supervised_tokens=supervised, padded=False)

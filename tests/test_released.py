@@ -34,10 +34,10 @@ from data.media import load_image
 from data.processor_prompt import encode_batch
 from model.components import COMPONENTS
 from model.freeze import apply_freeze_policy, format_table, is_lora, is_quantized, logical_numel
-from model.released import load_processor
+from model.released import load_released_processor
 from run.checkpoint import DELTA, MANIFEST, CheckpointError, load_base, load_checkpoint, save_checkpoint
 from run.fingerprint import base_name
-from run.predict import generate_answers, prompt_batch
+from run.predict import generate_answers
 from tools.tiny_vlms import FAMILIES
 
 LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -95,7 +95,7 @@ TEXT_ONLY = [
 
 
 def model_batch(model, args, convs) -> dict:
-    return encode_batch(load_processor(args), convs, prefix_lm=model.prefix_lm)
+    return encode_batch(load_released_processor(args), convs, prefix_lm=model.prefix_lm)
 
 
 @torch.no_grad()
@@ -147,7 +147,7 @@ def test_freeze_table_per_recipe(family, recipe, released_vlm):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_the_answers_and_never_an_image(family, released_vlm, images):
     args = ModelArguments(vlm_model=released_vlm(family), **LORA)
-    processor = load_processor(args)
+    processor = load_released_processor(args)
     batch = encode_batch(processor, conversations(images), prefix_lm=family == "paligemma")
     ids, labels = batch["input_ids"], batch["labels"]
     config = AutoConfig.from_pretrained(args.vlm_model)
@@ -305,15 +305,15 @@ def test_train_py_keeps_frozen_weights_and_infer_py_answers(family, recipe, trai
     assert printed == [[c, m] for c, m in RECIPES[recipe][1].items()]
 
     # The one loader rebuilds the trained model; infer.py prints what it generates.
-    loaded, processor, _, _ = load_checkpoint(out)
+    loaded, inputs, _ = load_checkpoint(out)
     batch = model_batch(loaded, loaded.build_args, conversations(images))
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
     # Token for token, without stopping at an end of turn (a random tiny model may answer "" at once).
-    prompt = prompt_batch(loaded, processor, None, ask(images))
+    prompt = inputs.prompt_batch(ask(images))
     greedy = dict(max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                  pad_token_id=processor.tokenizer.pad_token_id)
+                  pad_token_id=inputs.text_tokenizer.pad_token_id)
     assert torch.equal(loaded.generate(**prompt, **greedy), model.generate(**prompt, **greedy))
-    (answer,) = generate_answers(loaded, processor, None, ask(images), max_new_tokens=MAX_NEW_TOKENS)
+    (answer,) = generate_answers(loaded, inputs, ask(images), max_new_tokens=MAX_NEW_TOKENS)
     image = os.path.join(released_data["image_folder"], "images", "train-00000.png")
     capsys.readouterr()
     infer.main(["--checkpoint", out, "--image", image, "--prompt", QUESTION, "--max_new_tokens", str(MAX_NEW_TOKENS)])
@@ -390,8 +390,8 @@ def test_the_real_scripts_as_subprocesses(released_vlm, released_data, tmp_path)
     image = os.path.join(released_data["image_folder"], "images", "train-00000.png")
     printed = script("infer.py", "--checkpoint", out, "--image", image, "--prompt", QUESTION,
                      "--max_new_tokens", str(MAX_NEW_TOKENS))
-    loaded, processor, _, _ = load_checkpoint(out)
-    (expected,) = generate_answers(loaded, processor, None, ask([load_image(image)]), max_new_tokens=MAX_NEW_TOKENS)
+    loaded, inputs, _ = load_checkpoint(out)
+    (expected,) = generate_answers(loaded, inputs, ask([load_image(image)]), max_new_tokens=MAX_NEW_TOKENS)
     assert printed.endswith(expected + "\n")
 
 
@@ -426,7 +426,7 @@ def test_qlora_4bit_step(family, released_vlm, images, tmp_path):
     assert all(not torch.equal(p, before[n]) for n, p in lora.items() if "lora_B" in n)
     assert all(torch.equal(p, frozen_4bit[n]) for n, p in model.named_parameters() if n in frozen_4bit)
 
-    save_checkpoint(model, str(tmp_path), load_processor(args))
+    save_checkpoint(model, str(tmp_path), load_released_processor(args))
     loaded, *_ = load_checkpoint(str(tmp_path))
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
 
@@ -501,7 +501,7 @@ def test_vision_lora_trained_with_checkpointing_round_trips(family, released_vlm
     model.train()
     model(**batch).loss.backward()
     optimizer.step()
-    save_checkpoint(model, str(tmp_path), load_processor(args))
+    save_checkpoint(model, str(tmp_path), load_released_processor(args))
 
     adapter = load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors"))
     assert adapter and {part_of(family, k) for k in adapter} == {"vision"}

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText
 from data.media import load_image
 from run.checkpoint import DELTA, load_checkpoint, read_manifest
 from run.fingerprint import base_name
-from run.predict import generate_answers, prompt_batch
+from run.predict import generate_answers
 
 FAMILY = "llava"
 LORA = ["--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
@@ -56,12 +56,12 @@ def engine(out) -> str:
 
 def answers(out, image_folder: str) -> tuple[list[str], torch.Tensor]:
     """The loaded checkpoint's answer to one question, and its first tokens (no stop at end of turn)."""
-    model, processor, _, _ = load_checkpoint(str(out))
+    model, inputs, _ = load_checkpoint(str(out))
     image = load_image(os.path.join(image_folder, "images", "train-00000.png"))
     prompts = [([{"role": "user", "content": "<image>\nWhat color are the shapes?"}], [image])]
-    tokens = model.generate(**prompt_batch(model, processor, None, prompts), max_new_tokens=4, min_new_tokens=4,
-                            do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    return generate_answers(model, processor, None, prompts, max_new_tokens=8), tokens
+    tokens = model.generate(**inputs.prompt_batch(prompts), max_new_tokens=4, min_new_tokens=4,
+                            do_sample=False, pad_token_id=inputs.text_tokenizer.pad_token_id)
+    return generate_answers(model, inputs, prompts, max_new_tokens=8), tokens
 
 
 def test_ddp_with_a_text_only_batch_on_one_rank_finishes(released_vlm, released_data, tmp_path):

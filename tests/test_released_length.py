@@ -20,7 +20,7 @@ from data.dataset import read_records
 from data.media import image_size, load_image
 from data.processor_prompt import ImageTokenCount, ProcessorDataset, ProcessorTemplate, encode_batch
 from data.validate import validate_data_file
-from model.released import load_processor
+from model.released import load_released_processor
 from patches import processor_image_tokens
 from train import main as train_main
 
@@ -34,7 +34,7 @@ QWEN_BUDGET = dict(min_pixels=16 * 16, max_pixels=96 * 96)
 def processor_of(released_vlm, family: str):
     template = "configs/chat_templates/paligemma.jinja" if family == "paligemma" else None
     budget = QWEN_BUDGET if family == "qwen2_5_vl" else {}
-    return load_processor(ModelArguments(vlm_model=released_vlm(family), **budget), template)
+    return load_released_processor(ModelArguments(vlm_model=released_vlm(family), **budget), template)
 
 
 def conversation(image) -> tuple[list[dict], list]:

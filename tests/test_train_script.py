@@ -110,11 +110,9 @@ def test_infer_answers_one_question(trained, demo_data):
     result = run_script("infer.py", "--checkpoint", out, "--image", image, "--prompt", question)
 
     # The printed answer is what the one loader's model generates for the same prompt.
-    model, tokenizer, image_processor, _ = load_checkpoint(out)
+    model, inputs, _ = load_checkpoint(out)
     messages = [{"role": "user", "content": "<image>\n" + question}]
-    (expected,) = generate_answers(
-        model, tokenizer, image_processor, [(messages, [load_image(image)])], max_new_tokens=MAX_NEW_TOKENS
-    )
+    (expected,) = generate_answers(model, inputs, [(messages, [load_image(image)])], max_new_tokens=MAX_NEW_TOKENS)
     assert expected  # 3 steps from a random base: not a good answer, but some text
     assert result.stdout.endswith(expected + "\n")  # the answer may span lines; it is printed last
 

@@ -30,7 +30,7 @@ from config import ModelArguments
 from data.dataset import read_records
 from data.media import load_video_frames
 from model.freeze import apply_freeze_policy
-from model.released import load_processor
+from model.released import load_released_processor
 from run.checkpoint import load_base, save_checkpoint
 from run.predict import generate_answers
 from tools.tiny_vlms import make_tiny_vlm
@@ -349,7 +349,7 @@ def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
     args = ModelArguments(vlm_model=base, lora_enable=True, lora_r=4)
     model = load_base(args)
     apply_freeze_policy(model, args)
-    save_checkpoint(model, str(tmp_path / "ckpt"), load_processor(args), seed=0)
+    save_checkpoint(model, str(tmp_path / "ckpt"), load_released_processor(args), seed=0)
     image = tmp_path / "red.png"
     Image.new("RGB", (48, 48), (220, 20, 20)).save(image)
 
@@ -359,5 +359,5 @@ def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
     assert f"**released VLM** `{base}`" in panel and "llm" in models["freeze_table"]
     finetuned, base_answer, _ = web_demo.answer(models, [(str(image), None)], "What color?", 8, "greedy", 1.0)
     messages = [{"role": "user", "content": "<image>\nWhat color?"}]
-    expected = generate_answers(models["finetuned"], models["tokenizer"], None, [(messages, [Image.open(image).convert("RGB")])], 8)
+    expected = generate_answers(models["finetuned"], models["inputs"], [(messages, [Image.open(image).convert("RGB")])], 8)
     assert finetuned == expected[0] and isinstance(base_answer, str)

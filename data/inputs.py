@@ -1,0 +1,141 @@
+"""How each kind of base turns records and questions into model inputs, and tokens back into text:
+one object per kind, used alike by training, infer.py, evaluation and the web page.
+
+- `ComposedInputs`: a composed base (tower + connector + LLM). The LLM's tokenizer renders the chat
+  template, each `<image>` becomes the model's `num_image_tokens` slots of `image_token_index`
+  (data/prompt.py), and the tower's image processor makes `pixel_values`.
+- `ReleasedInputs`: a released VLM. Its own processor renders, expands every image to the tokens
+  the image needs, and makes the family's vision inputs (data/processor_prompt.py).
+
+What differs between the two lives here, behind the same methods; nothing else asks which kind a
+base is. The objects take what they need of the model as plain values (`data/` never imports
+`model/`); `run.inputs.model_inputs` builds the right one for a model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.dataset import Collator, SupervisedDataset, read_records
+from data.processor_prompt import (
+    ImageTokenCount,
+    ProcessorCollator,
+    ProcessorDataset,
+    ProcessorTemplate,
+    encode_batch,
+)
+from data.prompt import tokenize_prompt
+from data.validate import check_training_data
+
+Prompt = tuple[list[dict], list]  # (messages ending on a user turn, PIL images in marker order)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, L], attention_mask [B, L]), padded on the left so that every prompt ends
+    where generation starts."""
+    longest = max(map(len, sequences))
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, longest - len(seq) :] = torch.tensor(seq)
+        mask[row, longest - len(seq) :] = 1
+    return ids, mask
+
+
+class ModelInputs:
+    """What both kinds share: the text tokenizer, and decoding."""
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer of the text: pad and eos ids, decoding, the Trainer's processing_class."""
+        raise NotImplementedError
+
+    @property
+    def processing_class(self):
+        """What the Trainer holds and a checkpoint saves the chat template of: the tokenizer, or
+        a released VLM's processor."""
+        raise NotImplementedError
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        """New tokens [B, new] -> answers, special tokens dropped."""
+        return [text.strip() for text in self.text_tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+class ComposedInputs(ModelInputs):
+    """A composed base's inputs: `tokenizer` (the LLM's, with the chat template in use) and
+    `image_processor` (the tower's); every image is `num_image_tokens` slots of `image_token_index`."""
+
+    def __init__(self, tokenizer, image_processor, num_image_tokens: int, image_token_index: int):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
+
+    @property
+    def text_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def processing_class(self):
+        return self.tokenizer
+
+    def check_data(self, data_args, output_dir: str | None) -> set[int]:
+        """The check before step 1 (data/validate.py): positions of the records to leave out."""
+        return check_training_data(data_args, self.tokenizer, self.num_image_tokens, self.image_token_index, output_dir)
+
+    def training_set(self, data_args, skip: set[int]) -> SupervisedDataset:
+        return SupervisedDataset(
+            data_args.data_path, data_args.image_folder, self.tokenizer, self.num_image_tokens,
+            self.image_token_index, data_args.max_length, skip=skip, num_frames=data_args.num_frames,
+        )
+
+    def collator(self, max_length: int) -> Collator:
+        """Samples are already cut to max_length when tokenized."""
+        return Collator(self.tokenizer.pad_token_id, self.image_processor)
+
+    def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded inputs of prompts awaiting their answers: input_ids, attention_mask [B, L]
+        and pixel_values [N, 3, H, W] of every image in order."""
+        sequences, images = [], []
+        for messages, prompt_images in prompts:
+            sequences.append(tokenize_prompt(self.tokenizer, messages, self.num_image_tokens, self.image_token_index))
+            images += prompt_images
+        input_ids, attention_mask = left_pad(sequences, self.tokenizer.pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return batch
+
+
+class ReleasedInputs(ModelInputs):
+    """A released VLM's inputs: everything through its `processor` (chat template, image
+    expansion, vision inputs). `image_token_index`: the processor's image token; `prefix_lm`: the
+    family attends bidirectionally over its prompt (PaliGemma)."""
+
+    def __init__(self, processor, image_token_index: int | None, prefix_lm: bool = False):
+        self.processor, self.image_token_index, self.prefix_lm = processor, image_token_index, prefix_lm
+        self.image_tokens = ImageTokenCount(processor)  # one probe of the processor, for the check and the sampler
+
+    @property
+    def text_tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def processing_class(self):
+        return self.processor
+
+    def check_data(self, data_args, output_dir: str | None) -> set[int]:
+        # A record's text is rendered by the processor's template; its images count as the
+        # processor expands them (one token each where it does not say): `image_tokens`.
+        return check_training_data(
+            data_args, ProcessorTemplate(self.processor), 1, self.image_token_index, output_dir, self.image_tokens
+        )
+
+    def training_set(self, data_args, skip: set[int]) -> ProcessorDataset:
+        records = read_records(data_args.data_path, skip)
+        return ProcessorDataset(records, data_args.image_folder, self.processor, data_args.num_frames, self.image_tokens)
+
+    def collator(self, max_length: int) -> ProcessorCollator:
+        """Images are expanded per batch, so a sample's length is known, and cut, only there."""
+        return ProcessorCollator(self.processor, max_length, self.prefix_lm)
+
+    def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        return encode_batch(self.processor, prompts, add_generation_prompt=True)
