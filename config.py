@@ -2,8 +2,9 @@
 
     python train.py configs/lora.yaml --learning_rate 1e-4     # the command line wins
 
-`ModelArguments` (model/settings.py, beside the model: it is the manifest's schema) says what
-model is built and which parts train. `DataArguments` says what it reads. `TrainArguments` is
+`ModelArguments` says what model is built and which parts train; it lives beside the model
+(model/settings.py: it is the manifest's schema) and is imported here, so that `ALL_ARGUMENTS`
+holds the three. `DataArguments` says what it reads. `TrainArguments` is
 transformers' `TrainingArguments` plus the few knobs this pipeline adds. `cli.parse_config` reads
 them from YAML + the command line and calls `check_evaluation`, the one check that needs two of
 them; `run.environment.adapt_to_machine` fits them to the machine (workers, wandb), called by
