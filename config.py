@@ -24,7 +24,7 @@ from transformers.trainer_utils import IntervalStrategy
 from constants import NUM_FRAMES
 from errors import ConfigError
 from model.settings import ModelArguments
-from patches import TrainingArgumentsHooks
+from patches import DeviceSetupHooks
 
 DEFAULT_EVAL_STEPS = 0.1  # a tenth of the run: generation costs far more than a logged loss
 
@@ -77,7 +77,7 @@ class DataArguments:
 
 
 @dataclass
-class TrainArguments(TrainingArgumentsHooks):  # patches.py: the device setup, settled
+class TrainArguments(DeviceSetupHooks):  # patches.py: accelerate's state without a GPU
     output_dir: str = field(default="outputs/run")
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower; default learning_rate."}
