@@ -1,48 +1,151 @@
-"""How the entry points end: a user's mistake is one message and exit status 2, never a traceback.
+"""The command line: settings in, and a user's mistake out as one message and exit status 2.
+
+    model_args, data_args, train_args = parse_config()    # [config.yaml] [--key value ...]
 
     if __name__ == "__main__":
         run_main(main)          # train.py, infer.py, scripts/*.py
 
     python cli.py torchrun --nproc_per_node=N train.py ...   # torchrun, as scripts/*.sh launch it
 
-A user error is an exception the pipeline raises about what it was given: a setting or a pair of
-settings (ConfigError), the data (DataError), a checkpoint the loader refuses (CheckpointError),
-a freeze policy that cannot apply (FreezeError), a chat template that does not fit
-(TemplateMismatch), a path that does not exist (FileNotFoundError, or a model path or hub id that
-transformers cannot find), or a `SystemExit("message")`.
-Each message already names what is wrong and the fix; it is printed as `error: <message>`.
-Anything else is a bug and keeps its traceback. `VLM_DEBUG=1` shows the traceback of user errors too.
+`parse_config` reads a YAML file and the command line (which wins) into config.py's dataclasses,
+naming the closest valid setting for every unknown one; `-h`/`--help` prints cli_help.py's list.
+A user error is an exception the pipeline raises about what it was given: every `errors.UserError`
+(a setting, a record, an image, a checkpoint, a freeze policy, a chat template), a path that does
+not exist (FileNotFoundError, or a model path or hub id that transformers cannot find), or a
+`SystemExit("message")`. Each message already names what is wrong and the fix; it is printed as
+`error: <message>`. Anything else is a bug and keeps its traceback. `VLM_DEBUG=1` shows the
+traceback of user errors too.
+
+This module imports nothing heavy at the top: `python cli.py torchrun` is the launcher, and the
+settings' modules (torch, transformers: ~1 GB resident) belong to the ranks it starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import difflib
+import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
+import yaml
+
+from cli_help import HELP_ALL, format_help, prog
+from constants import DEMO_CONFIG
+from errors import ConfigError, UserError
+
 USER_ERROR_EXIT = 2  # argparse's status for a bad command line, so one status for every user error
 DEBUG_VARIABLE = "VLM_DEBUG"
-# (module, class name): looked up only among the modules already imported, so this module imports
-# nothing heavy (an exception of a class that was never imported cannot have been raised).
-USER_ERRORS = (
-    ("config", "ConfigError"),
-    ("data.records", "DataError"),
-    ("run.checkpoint", "CheckpointError"),
-    ("model.freeze", "FreezeError"),
-    ("data.prompt", "TemplateMismatch"),
-)
+CLI = "the command line"
 
 
-def user_error_classes() -> tuple[type[BaseException], ...]:
-    classes: list[type[BaseException]] = [FileNotFoundError]
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            classes.append(cls)
-    return tuple(classes)
+# --- settings in: YAML + the command line -> (ModelArguments, DataArguments, TrainArguments) -----
+
+
+def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_CONFIG):
+    """`[config.yaml] [--key value ...]` -> (ModelArguments, DataArguments, TrainArguments).
+
+    YAML values become command-line words placed before the real ones, so the command line
+    wins. With no words at all the demo config is used. `-h`/`--help` prints the settings
+    (`--help_all`: transformers' too) and exits.
+    """
+    from transformers import HfArgumentParser  # as config: the ranks' imports, not the launcher's
+
+    from config import ALL_ARGUMENTS, check_evaluation
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help", HELP_ALL} & set(argv):
+        print(format_help(ALL_ARGUMENTS, everything=HELP_ALL in argv))
+        raise SystemExit(0)
+    yaml_path = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml")) else None
+    if yaml_path is None and not argv:
+        yaml_path = default_yaml
+
+    parser = HfArgumentParser(ALL_ARGUMENTS, allow_abbrev=False)
+    parser.error = _refuse_bad_value
+    known = {f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls) if f.init}
+
+    words: list[str] = []
+    unknown: list[str] = []
+    if yaml_path:
+        settings = read_yaml(yaml_path)
+        unknown += _unknown_settings(settings, known, yaml_path)
+        for key, value in settings.items():
+            words += _as_cli(key, value)
+    unknown += _unknown_settings([w[2:].split("=")[0] for w in argv if w.startswith("--")], known, CLI)
+    if unknown:  # every one at once, not one per launch
+        listed = f"Unknown setting {unknown[0]}" if len(unknown) == 1 else "\n  ".join(["Unknown settings:", *unknown])
+        raise ConfigError(f"{listed}\nFix the spelling; `python {prog()} --help` lists every setting.")
+    model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
+        args=words + argv, return_remaining_strings=True
+    )
+    if rest:
+        raise ConfigError(f"Unexpected command-line words {rest}: settings are --key value.")
+    check_evaluation(data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def read_yaml(path: str) -> dict:
+    """A config file's settings, `{name: value}`; a missing or malformed file is a ConfigError."""
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file. Give the path of a YAML config (the recipes are in configs/), "
+            "or none for the demo."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: a config is a mapping of settings (`key: value` lines), not {type(settings).__name__}.")
+    return settings
+
+
+def _as_cli(key: str, value) -> list[str]:
+    """One YAML entry as the command-line words HfArgumentParser reads."""
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        # An empty list means the default: `--key` with no values is an argparse error.
+        return [f"--{key}", *map(str, value)] if value else []
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+def _unknown_settings(keys, known: set[str], where: str) -> list[str]:
+    """One line per key that is no setting, naming the closest valid one."""
+    lines = []
+    for key in keys:
+        if key in known:
+            continue
+        if key.replace("-", "_") in known:  # argparse's dashed alias: one spelling here
+            hint = f"did you mean {key.replace('-', '_')!r}? Settings are spelled with underscores."
+        elif key.startswith(("no_", "no-")) and key[3:].replace("-", "_") in known:
+            name = key[3:].replace("-", "_")
+            hint = f"did you mean {name!r} set to false ({'--' + name + ' false' if where == CLI else name + ': false'})?"
+        else:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "no setting is close to it."
+        lines.append(f"{key!r} {'on' if where == CLI else 'in'} {where}: {hint}")
+    return lines
+
+
+def _refuse_bad_value(message: str):
+    """argparse's error for a value it cannot read: its exit (status 2), with one line instead of
+    the usage of 200 options, and the setting named as it is spelled here."""
+    message = re.sub(r"argument (--\w+)(?:/-{1,2}[\w-]+)*", r"\1", message).rstrip(". ")
+    print(f"error: {message}. `python {prog()} --help` shows each setting and its values.", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --- a user's mistake out: one message, exit status 2 -------------------------------------------
 
 
 def raised_by_hub(error: BaseException) -> bool:
@@ -58,7 +161,7 @@ def raised_by_hub(error: BaseException) -> bool:
 
 
 def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, user_error_classes()) or raised_by_hub(error)
+    return isinstance(error, (UserError, FileNotFoundError)) or raised_by_hub(error)
 
 
 def describe(error: BaseException) -> str:
@@ -118,135 +221,3 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["torchrun"]:
         raise SystemExit("usage: python cli.py torchrun [torchrun arguments] SCRIPT [arguments]")
     torchrun(sys.argv[2:])
-
-
-# --- --help: the pipeline's settings first, grouped, each with its default and one line ----------
-
-HELP_ALL = "--help_all"
-
-
-def prog() -> str:
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.endswith(".py") else "train.py"
-
-
-# Settings whose field carries no help text: their one line in --help.
-_FALLBACK_HELP = {
-    "vision_feature_layer": "Hidden layer of the tower the connector reads (LLaVA: -2, the second to last).",
-    "resampler_num_heads": "Attention heads of the resampler.",
-    "lora_enable": "Add LoRA adapters to --lora_target.",
-    "lora_r": "LoRA rank.",
-    "lora_alpha": "LoRA scale numerator (the update is scaled by alpha / r).",
-    "lora_dropout": "Dropout on each adapter's input; 0 saves the masked copy's memory.",
-    "double_quant": "4-bit: quantize the quantization constants too.",
-    "demo_train_size": "Demo only: records in the generated training set.",
-    "demo_eval_size": "Demo only: records in the generated held-out set.",
-    "output_dir": "Where the checkpoint, config.yaml and the freeze table go.",
-    "remove_unused_columns": "Kept false: the collator's keys are the model's inputs (pixel_values included).",
-    "ddp_find_unused_parameters": "Kept false: every trainable parameter gets a gradient on every rank.",
-}
-# transformers' settings most runs set, listed in --help after the pipeline's own; --help_all has all.
-COMMON_TRAINER_SETTINGS = (
-    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "bf16",
-    "activation_checkpointing", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
-    "resume_from_checkpoint", "report_to", "dataloader_num_workers", "deepspeed", "seed",
-)
-_FREEZE_AND_LORA = ("freeze_", "lora_")
-_FREEZE_AND_LORA_NAMES = {"trainable_regex", "frozen_regex", "bits", "quant_type", "double_quant"}
-
-
-def help_groups(arguments, everything: bool = False) -> list[tuple[str, list[str]]]:
-    """(title, setting names) in the order --help prints them; `arguments`: config.ALL_ARGUMENTS."""
-    from transformers import TrainingArguments  # here: `python cli.py torchrun` needs none of it
-
-    ModelArguments, DataArguments, TrainArguments = arguments
-    own_train = list(inspect.get_annotations(TrainArguments))  # declared here, not inherited
-    model = [f.name for f in dataclasses.fields(ModelArguments) if f.init]
-    freeze = [n for n in model if n.startswith(_FREEZE_AND_LORA) or n in _FREEZE_AND_LORA_NAMES]
-    groups = [
-        ("model", [n for n in model if n not in freeze]),
-        ("freeze and LoRA", freeze),
-        ("data", [f.name for f in dataclasses.fields(DataArguments) if f.init]),
-        ("run", own_train),
-    ]
-    shown = {n for _, names in groups for n in names}
-    trainer = [f.name for f in dataclasses.fields(TrainingArguments) if f.init and f.name not in shown]
-    if everything:
-        groups.append(("transformers TrainingArguments (all)", trainer))
-    else:
-        groups.append(("transformers TrainingArguments (most used)", [n for n in COMMON_TRAINER_SETTINGS if n in trainer]))
-    return groups
-
-
-def _show(value) -> str:
-    if value is None or value == [] or value == "":
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(_show, value))
-    return str(getattr(value, "value", value))
-
-
-def _one_line(text: str) -> str:
-    """The first sentence of a help text, on one line."""
-    text = " ".join(text.split())
-    for stop in (". ", ".) "):
-        if stop in text:
-            text = text[: text.index(stop) + len(stop) - 1]
-            break
-    return text
-
-
-def format_help(arguments, everything: bool = False) -> str:
-    """The project's settings, grouped, one line each: `--name VALUE  (default X)  what it does`.
-    Every spelling shown is one the parser accepts (underscores; booleans take true|false)."""
-    from transformers import HfArgumentParser, TrainingArguments  # as in help_groups
-
-    parser = HfArgumentParser(arguments, allow_abbrev=False)
-    actions = {a.option_strings[0][2:]: a for a in parser._actions if a.option_strings[:1] != ["-h"]}
-    fields = {f.name: f for cls in arguments for f in dataclasses.fields(cls)}
-    program = prog()
-    rows: list[tuple[str, list[tuple[str, str]]]] = []
-    for title, names in help_groups(arguments, everything):
-        lines = []
-        for name in names:
-            action, f = actions.get(name), fields[name]
-            if action is None:
-                continue
-            if action.type is not None and getattr(action.type, "__name__", "") == "string_to_bool":
-                value = "true|false"
-            elif name in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()):
-                value = "JSON|PATH"  # a JSON object, or a file holding one
-            elif action.choices and len(action.choices) <= 6:
-                value = "|".join(map(str, action.choices))
-            elif action.type is int:
-                value = "N"
-            elif action.type is float:
-                value = "X"
-            else:
-                value = "TEXT"
-            if action.nargs == "+":
-                value += f" [{value} ...]"
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            help_text = _one_line(f.metadata.get("help") or _FALLBACK_HELP.get(name, ""))
-            lines.append((f"--{name} {value}", f"(default {_show(default)})  {help_text}".rstrip()))
-        rows.append((title, lines))
-    width = min(max(len(left) for _, lines in rows for left, _ in lines), 44)
-    out = [
-        f"usage: python {program} [CONFIG.yaml] [--setting value ...]",
-        f"       torchrun --nproc_per_node=N {program} [CONFIG.yaml] [--setting value ...]",
-        "",
-        "With no arguments, the built-in demo (configs/demo.yaml). A YAML file's settings come first and",
-        "the command line wins. Booleans take true or false. Defaults are the built-in ones, before any YAML.",
-    ]
-    for title, lines in rows:
-        out += ["", f"{title}:"]
-        out += [f"  {left.ljust(width)}  {right}" for left, right in lines]
-    out.append("")
-    if everything:
-        out.append(f"These are all the settings; `python {program} --help` shows the pipeline's own with the most used.")
-    else:
-        out.append(f"Every transformers TrainingArguments setting is accepted too: `python {program} {HELP_ALL}` lists all.")
-    return "\n".join(out)

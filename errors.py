@@ -9,3 +9,8 @@ other exception is a bug and keeps its traceback. Every package may import this 
 
 class UserError(ValueError):
     """A refusal about the user's input. A ValueError, so `except ValueError` callers still hold."""
+
+
+class ConfigError(UserError):
+    """A setting, or a combination of settings, that cannot work. The message names the fix.
+    Here, not in config.py: model/settings.py refuses model settings and may import only model/."""

@@ -9,8 +9,9 @@ transformers, accelerate, bitsandbytes, TRL or datasets.
    needs: the save (`_save`, which `save_model` calls with the engine's gathered state dict),
    marking a `checkpoint-N` complete before old ones are pruned (`_save_checkpoint`), resuming
    (`_load_from_checkpoint`) and a training sampler (`_get_train_sampler`).
-2. `settle_cpu_distributed_state`: accelerate 1.15 names no backend for DeepSpeed without a GPU
-   (and then counts one process), and turns only GPU process groups into FSDP (else silently DDP).
+2. `DeviceSetupHooks`, `settle_cpu_distributed_state`: accelerate 1.15 names no backend for
+   DeepSpeed without a GPU (and then counts one process), and turns only GPU process groups into
+   FSDP (else silently DDP); `TrainingArguments._setup_devices` is where its state is made.
 3. `keep_4bit_layout`: bitsandbytes 0.50 repacks a 4-bit weight for AVX512-BF16 CPUs on its first
    eval-mode call, after which it has no backward.
 4. `cap_trl_chunk_size`, `trl_chunk_size`, `trl_uses_triton`: TRL 1.16's chunked loss reads its
@@ -26,11 +27,12 @@ transformers, accelerate, bitsandbytes, TRL or datasets.
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 
 class TrainerHooks(Trainer):
@@ -60,6 +62,17 @@ class TrainerHooks(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.load_delta_from(resume_from_checkpoint, model or self.model)
+
+
+class DeviceSetupHooks(TrainingArguments):
+    """`TrainingArguments` whose device setup (a private cached property, the one place accelerate's
+    state is made) ends with `settle_cpu_distributed_state`. The run's arguments subclass this."""
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = TrainingArguments._setup_devices.func(self)
+        settle_cpu_distributed_state(self)
+        return device
 
 
 def settle_cpu_distributed_state(args) -> None:

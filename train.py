@@ -14,31 +14,21 @@ import os
 
 from transformers import TrainerState, set_seed
 
-from config import parse_config, save_resolved_config
+from cli import parse_config, run_main
+from config import save_resolved_config
 from data.dataset import read_records
 from data.messages import use_messages_dataset
 from data.sampler import modality_length_sampler
 from model.freeze import apply_freeze_policy, format_table
 from run.checkpoint import MANIFEST, load_base, load_delta
+from run.environment import adapt_to_machine
 from run.inputs import model_inputs
 from run.predict import HeldOut, accuracy
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
+from tools.demo_assets import make_missing_demo_assets
 from tools.memory import format_plan, plan_memory
-from tools.synthetic import make_demo_dataset, vocabulary
-from tools.tiny_base import make_tiny_base
-
-
-def prepare_demo_assets(model_args, data_args, train_args) -> None:
-    """The demo needs no download: a seeded tiny base and a synthetic set, made once."""
-    with train_args.main_process_first(desc="demo assets"):
-        if model_args.build_tiny_base_if_missing and not os.path.isdir(model_args.llm_model):
-            make_tiny_base(os.path.dirname(model_args.llm_model), vocabulary(), seed=0)
-        if data_args.make_demo_data_if_missing and not os.path.isfile(data_args.data_path):
-            make_demo_dataset(
-                os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size
-            )
 
 
 def training_data(inputs, data_args, train_args):
@@ -76,6 +66,7 @@ def resolve_resume(train_args) -> str | None:
 
 def main(argv=None):
     model_args, data_args, train_args = parse_config(argv)
+    adapt_to_machine(train_args)  # DataLoader workers within the free cores; wandb offline without a login
     resume = resolve_resume(train_args)
     finished = finished_step(resume) if resume else None
     if finished is not None and os.path.isfile(os.path.join(train_args.output_dir, MANIFEST)):
@@ -83,7 +74,8 @@ def main(argv=None):
         if train_args.should_log:
             print(f"{train_args.output_dir} finished at step {finished} ({resume}): nothing to train.")
         return
-    prepare_demo_assets(model_args, data_args, train_args)
+    with train_args.main_process_first(desc="demo assets"):  # the demo downloads nothing: made once, if absent
+        make_missing_demo_assets(model_args, data_args)
     set_seed(train_args.seed)
     if train_args.should_save:
         save_resolved_config(os.path.join(train_args.output_dir, "config.yaml"), model_args, data_args, train_args)
@@ -152,6 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from cli import run_main
-
     run_main(main)

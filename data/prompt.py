@@ -7,6 +7,7 @@ ways. Conversations are lists of {"role": "user" | "assistant" | "system", "cont
 from __future__ import annotations
 
 from constants import IGNORE_INDEX
+from errors import UserError
 
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"  # a video's sampled frames, one <image> each, in time order
@@ -14,12 +15,12 @@ VIDEO_MARKER = "<video>"  # a video's sampled frames, one <image> each, in time 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
-class TemplateMismatch(ValueError):
+class TemplateMismatch(UserError):
     """The chat template does not render a conversation as a prefix-stable sequence of turns, so
     assistant tokens cannot be located (LLaVA's silent "tokenization mismatch", loss 0)."""
 
 
-class SampleTooLong(ValueError):
+class SampleTooLong(UserError):
     """The sample does not fit `max_length` without cutting image tokens or every label."""
 
 
@@ -68,7 +69,7 @@ def expand_video_marker(messages: list[dict], num_frames: int) -> list[dict]:
     return [{**m, "content": m["content"].replace(VIDEO_MARKER, frames)} for m in messages]
 
 
-class MarkerMismatch(ValueError):
+class MarkerMismatch(UserError):
     """A typed question's `<image>` markers are not one per image."""
 
     def __init__(self, markers: int, num_images: int):

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from data.formats import as_llava_record
+from errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be trained on as it is. The message names the record and the fix."""
 
 

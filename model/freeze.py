@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from errors import UserError
 from model.components import COMPONENTS, is_under, layer_index, top_module
 
 
-class FreezeError(ValueError):
+class FreezeError(UserError):
     """A freeze setting that cannot mean what the user wants; the message names it and the fix."""
 
 

@@ -27,9 +27,10 @@ import transformers
 from peft import set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from config import ModelArguments
+from errors import UserError
 from model.build import build_model
 from model.freeze import apply_freeze_policy, is_lora
+from model.settings import ModelArguments
 from run.fingerprint import fingerprint
 from run.inputs import model_inputs
 from run.sharding import full_shape, gathered
@@ -44,7 +45,7 @@ ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter", "vlm": "adapter"}
 BASE_PATHS = ("vision_model", "llm_model", "vlm_model")  # ModelArguments naming base weights
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as it is; the message says what is wrong and the fix."""
 
 
@@ -277,7 +278,6 @@ def checkpoint_model_args(ckpt_dir: str, **overrides) -> ModelArguments:
     stored = {k: v for k, v in manifest["model_args"].items() if k in fields}
     stored.update({key: _resolve_base(stored.get(key), ckpt_dir) for key in BASE_PATHS})
     stored.update({k: v for k, v in overrides.items() if v is not None})
-    stored["build_tiny_base_if_missing"] = False
     return ModelArguments(**stored)
 
 

@@ -1,4 +1,10 @@
-"""The machine a run lands on: DataLoader workers within the free cores, and wandb without a login."""
+"""The machine a run lands on: DataLoader workers within the free cores, and wandb without a login.
+
+`adapt_to_machine(train_args)` is the one call, made by train.py after the settings are parsed and
+before any model loads; it may lower a setting and say so (a `note:` on stderr, rank 0). Whether a
+run trains on the CPU is not decided here: accelerate's device state is built while the settings
+are (`config.TrainArguments.use_cpu`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,13 @@ import netrc
 import os
 import sys
 from urllib.parse import urlparse
+
+
+def adapt_to_machine(train_args) -> None:
+    """Fit the parsed settings to this machine: DataLoader workers within its free cores, and wandb
+    offline without a login."""
+    cap_dataloader_workers(train_args)  # a recipe's 4 workers on a 2-core machine starve the step
+    check_logging(train_args)
 
 
 def _is_first_rank() -> bool:

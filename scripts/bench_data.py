@@ -13,7 +13,6 @@ download) when missing, as train.py's demo does. Prints one row of key=value fie
 records_per_s, records, batches, batch_size, num_workers, images_per_record, seconds, setup_s.
 """
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,13 +21,13 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from config import DEMO_CONFIG, DataArguments, ModelArguments
+from config import DataArguments, ModelArguments
+from constants import DEMO_CONFIG
 from data.dataset import Collator, SupervisedDataset
 from model.build import load_tokenizer_and_image_processor
 from model.vlm import IMAGE_TOKEN_INDEX
 from scripts.check_data import num_image_tokens
-from tools.synthetic import make_demo_dataset, vocabulary
-from tools.tiny_base import make_tiny_base
+from tools.demo_assets import make_missing_demo_assets
 
 
 @dataclass
@@ -51,21 +50,13 @@ def demo_words() -> list[str]:
     return words
 
 
-def make_demo_assets(model_args, data_args) -> None:
-    """What train.py's prepare_demo_assets does, without a TrainingArguments to ask."""
-    if model_args.build_tiny_base_if_missing and not os.path.isdir(model_args.llm_model):
-        make_tiny_base(os.path.dirname(model_args.llm_model), vocabulary(), seed=0)
-    if data_args.make_demo_data_if_missing and not os.path.isfile(data_args.data_path):
-        make_demo_dataset(os.path.dirname(data_args.data_path), data_args.demo_train_size, data_args.demo_eval_size)
-
-
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data_path" not in argv:
         argv = demo_words() + argv  # the command line still wins
     parser = HfArgumentParser((ModelArguments, DataArguments, BenchArguments), allow_abbrev=False)
     model_args, data_args, bench = parser.parse_args_into_dataclasses(args=argv)
-    make_demo_assets(model_args, data_args)
+    make_missing_demo_assets(model_args, data_args)  # as train.py: the demo's, if absent
 
     start = time.perf_counter()
     tokenizer, image_processor = load_tokenizer_and_image_processor(model_args, data_args.chat_template)

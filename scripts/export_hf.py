@@ -149,7 +149,7 @@ def export_merged(model, tokenizer, image_processor, out: str, source: str) -> N
         model.build_args,
         vision_model=paths["vision"], vision_revision=None, llm_model=paths["llm"], llm_revision=None,
         freeze_vit=True, freeze_llm=True, freeze_qformer=False, lora_enable=False, freeze_lora=False,
-        trainable_regex=None, frozen_regex=None, bits=16, build_tiny_base_if_missing=False,
+        trainable_regex=None, frozen_regex=None, bits=16,
     )
     merged = load_base(args)
     merged.connector.load_state_dict(model.connector.state_dict())

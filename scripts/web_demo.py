@@ -34,15 +34,15 @@ import pandas as pd
 from PIL import Image
 from transformers import HfArgumentParser, set_seed
 
-from config import ConfigError
 from constants import NUM_FRAMES
 from data.dataset import read_records
 from data.media import load_image, record_media
 from data.messages import as_llava_file
 from data.prompt import IMAGE_MARKER, VIDEO_MARKER, MarkerMismatch, question_messages
 from data.records import DataError
+from errors import UserError
 from model.freeze import apply_freeze_policy, format_table
-from run.checkpoint import CheckpointError, check_base, load_base, load_checkpoint
+from run.checkpoint import check_base, load_base, load_checkpoint
 from run.predict import MAX_NEW_TOKENS, first_question, generate_answers
 
 MAX_PIXELS = 4096 * 4096  # a page anyone can post to gets a tighter cap than PIL's bomb limit
@@ -63,7 +63,7 @@ class WebDemoArguments:
     compare_base: bool = field(default=True, metadata={"help": "Load the base a second time (twice the memory)."})
 
 
-class PageError(ValueError):
+class PageError(UserError):
     """Bad input, said in a sentence the page shows instead of a traceback."""
 
 
@@ -89,7 +89,7 @@ def load_models(args: WebDemoArguments) -> dict:
         freeze_table = format_table(apply_freeze_policy(model, model.build_args))
         model.requires_grad_(False)
         base = build_base(model, manifest) if args.compare_base else None
-    except (CheckpointError, ConfigError, OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # every UserError (a ValueError); a base path or hub id not found
         print(f"cannot load {args.checkpoint}: {error}", file=sys.stderr)
         return {"error": f"Cannot load checkpoint `{args.checkpoint}`: {error}"}
     return {"finetuned": model, "base": base, "inputs": inputs, "manifest": manifest, "freeze_table": freeze_table}

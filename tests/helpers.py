@@ -30,7 +30,6 @@ def torchrun_train(nproc: int, tiny_base, demo_data, out, *extra, eval_data: str
     argv = [
         TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "train.py", "configs/demo.yaml",
         "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--eval_data_path", eval_data, "--output_dir", str(out), "--max_steps", "3", "--warmup_steps", "0",
         "--disable_tqdm", "true", "--per_device_train_batch_size", str(4 // nproc), *extra,

@@ -21,10 +21,17 @@ import torch
 import yaml
 
 import cli
+import cli_help
 import config
-from config import ConfigError, TrainArguments, parse_config
+from cli import parse_config
+from config import TrainArguments
+from data.media import ImageError
+from data.prompt import MarkerMismatch, SampleTooLong, TemplateMismatch
 from data.records import DataError
+from errors import ConfigError, UserError
+from model.freeze import FreezeError
 from run import environment
+from run.checkpoint import CheckpointError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
@@ -171,15 +178,15 @@ def test_short_h_prints_the_same_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_config(["-h"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == cli.format_help(config.ALL_ARGUMENTS).strip()
+    assert capsys.readouterr().out.strip() == cli_help.format_help(config.ALL_ARGUMENTS).strip()
 
 
 def test_every_setting_has_a_line_and_its_true_default():
-    text = cli.format_help(config.ALL_ARGUMENTS)
+    text = cli_help.format_help(config.ALL_ARGUMENTS)
     for name, _, default in shown_options(text):
         line = next(line for line in text.splitlines() if line.startswith(f"  --{name} "))
         assert line.split(f"(default {default})", 1)[1].strip(), f"--{name} has no help line"
-    defaults = {n: d for n, _, d in shown_options(cli.format_help(config.ALL_ARGUMENTS))}
+    defaults = {n: d for n, _, d in shown_options(cli_help.format_help(config.ALL_ARGUMENTS))}
     assert defaults["freeze_llm"] == "true" and defaults["connector"] == "mlp2x_gelu"
     assert defaults["lora_r"] == "64" and defaults["max_length"] == "2048"
 
@@ -194,7 +201,7 @@ def sample_value(value: str, default: str) -> list[str]:
 
 
 def test_every_option_the_help_shows_parses(tmp_path):
-    for name, value, default in shown_options(cli.format_help(config.ALL_ARGUMENTS)):
+    for name, value, default in shown_options(cli_help.format_help(config.ALL_ARGUMENTS)):
         if value == "JSON|PATH":  # a file it would read; the spelling is checked below
             continue
         argv = ["--output_dir", str(tmp_path), f"--{name}", *sample_value(value, default)]
@@ -213,7 +220,7 @@ def test_every_option_help_all_shows_is_a_spelling_the_parser_takes(capsys):
     names = [n for n, _, _ in shown_options(text)]
     assert len(names) > 150 and "adam_beta1" in names
     known = {f.name for cls in config.ALL_ARGUMENTS for f in dataclasses.fields(cls) if f.init}
-    assert config._unknown_settings(names, known, config.CLI) == []
+    assert cli._unknown_settings(names, known, cli.CLI) == []
 
 
 # --- 2. a user's mistake: one message, exit status 2, no traceback -------------------------------
@@ -309,6 +316,57 @@ def test_run_main_exits_2_on_user_errors_only(capsys, monkeypatch):
         cli.run_main(raising(DataError("bad")))
 
 
+@pytest.mark.parametrize(
+    "error",
+    [ConfigError("c"), DataError("d"), ImageError("i"), CheckpointError("k"), FreezeError("f"),
+     TemplateMismatch("t"), SampleTooLong("s"), MarkerMismatch(2, 1)],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_kind_of_refusal_is_a_user_error(error, capsys, monkeypatch):
+    monkeypatch.delenv("VLM_DEBUG", raising=False)
+    assert isinstance(error, UserError)
+
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main)
+    assert exit_.value.code == 2
+    assert f"error: {error}" in capsys.readouterr().err
+
+
+def exception_bases() -> dict[str, list[str]]:
+    """{class name: its bases' names} of every exception class the repo defines (tests aside)."""
+    import ast
+
+    bases = {}
+    for folder, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if d not in (".git", "tests", "__pycache__", "outputs")]
+        for name in (n for n in files if n.endswith(".py")):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and node.bases:
+                    bases[node.name] = [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+    return bases
+
+
+def test_every_exception_the_repo_defines_subclasses_user_error():
+    """A refusal about the user's input is one message and exit 2 (run_main), only if it is a
+    UserError: a new `class FooError(ValueError)` would print a traceback instead."""
+    bases = exception_bases()
+
+    def is_user_error(name: str) -> bool:
+        return name == "UserError" or any(is_user_error(b) for b in bases.get(name, ()))
+
+    def is_exception(name: str) -> bool:
+        return name.endswith(("Error", "Exception")) or any(is_exception(b) for b in bases.get(name, ()))
+
+    exceptions = [name for name in bases if name != "UserError" and is_exception(name)]
+    assert {"ConfigError", "CheckpointError", "PageError", "TemplateMismatch"} <= set(exceptions)
+    assert [name for name in exceptions if not is_user_error(name)] == []
+
+
 # --- 3. wandb without a login: offline, said before any model loads -----------------------------
 
 
@@ -327,6 +385,8 @@ def test_wandb_without_a_login_falls_back_to_offline_and_says_how_to_log_in(no_w
     *_, train_args = parse_config([os.path.join(REPO_ROOT, "configs", "llava15_lora.yaml"),
                                    "--use_cpu", "true", "--bf16", "false"])
     assert "wandb" in train_args.report_to
+    assert "WANDB_MODE" not in os.environ  # parsing reads settings; adapting to the machine is explicit
+    environment.adapt_to_machine(train_args)
     assert os.environ["WANDB_MODE"] == "offline"
     said = capsys.readouterr().err
     assert "wandb login" in said and "WANDB_API_KEY" in said and "offline" in said
@@ -350,8 +410,7 @@ def test_wandb_with_a_login_or_a_mode_is_left_alone(login, no_wandb_login, monke
 def test_a_wandb_run_without_a_login_trains_and_logs_offline(tiny_base, demo_data, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "configs/demo.yaml", "--vision_model", tiny_base["vision"],
-         "--llm_model", tiny_base["llm"], "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing",
-         "false", "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
+         "--llm_model", tiny_base["llm"], "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
          "--eval_data_path", "", "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--report_to", "wandb"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S,
         env={**USER_ENV, "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"},
@@ -402,6 +461,8 @@ def test_dataloader_workers_never_exceed_the_free_cores(cores, local_ranks, aske
     if asked:
         argv += ["--dataloader_prefetch_factor", "2", "--dataloader_persistent_workers", "true"]
     *_, train_args = parse_config(argv)
+    assert train_args.dataloader_num_workers == asked  # parsing reads settings; adapting is explicit
+    environment.adapt_to_machine(train_args)
     assert train_args.dataloader_num_workers == expected
     if expected == 0 and asked:  # the DataLoader refuses worker options without a worker
         assert train_args.dataloader_prefetch_factor is None and not train_args.dataloader_persistent_workers
@@ -412,5 +473,6 @@ def test_a_recipes_workers_fit_this_machine(monkeypatch, capsys):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     *_, train_args = parse_config([os.path.join(REPO_ROOT, "configs", "llava15_finetune.yaml"),
                                    "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+    environment.adapt_to_machine(train_args)
     assert train_args.dataloader_num_workers == 1
     assert "dataloader_num_workers 4 -> 1" in capsys.readouterr().err

@@ -1,24 +1,24 @@
-"""config.py: YAML + command line (command line wins), unknown keys, booleans, every shipped
-config, the resolved config, and the flag combinations refused before any model loads."""
+"""The settings: YAML + command line (command line wins, cli.parse_config), unknown keys, booleans,
+every shipped config, the resolved config, the flag combinations refused before any model loads
+(model/settings.py), the machine's part (use_cpu), and the demo's assets, which are no setting."""
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 
 import pytest
 import torch
 import yaml
 
-from config import (
-    DEFAULT_LLM,
-    ConfigError,
-    ModelArguments,
-    config_dict,
-    parse_config,
-    save_resolved_config,
-)
+from cli import parse_config
+from config import DataArguments, TrainArguments, config_dict, save_resolved_config
+from errors import ConfigError
+from model.settings import DEFAULT_LLM, ModelArguments
+from run.checkpoint import FORMAT_VERSION, MANIFEST, checkpoint_model_args
+from tools import demo_assets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every training config; configs/shapes/ holds model shapes for scripts/bench.py, not runs.
@@ -118,10 +118,10 @@ def test_booleans_take_true_and_false_on_the_command_line(tmp_path, word, value)
 
 @pytest.mark.parametrize("value", [True, False])
 def test_booleans_in_yaml(tmp_path, value):
-    path = write_yaml(tmp_path, {"freeze_vit": value, "build_tiny_base_if_missing": value})
+    path = write_yaml(tmp_path, {"freeze_vit": value, "fused_loss": value})
     model_args, _, _ = parse_config([path])
     assert model_args.freeze_vit is value
-    assert model_args.build_tiny_base_if_missing is value
+    assert model_args.fused_loss is value
 
 
 def test_a_boolean_that_is_not_one_is_refused(tmp_path):
@@ -265,3 +265,85 @@ def test_meaningful_combinations_are_accepted(overrides):
 def test_invalid_choices_are_refused(overrides, named):
     with pytest.raises(ConfigError, match=named):
         ModelArguments(**overrides)
+
+
+# --- the machine's part: decided where accelerate's device state is built ------------------------
+
+
+def test_use_cpu_defaults_to_the_cpu_on_a_machine_without_a_gpu(tmp_path):
+    args = TrainArguments(output_dir=str(tmp_path), report_to="none")
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    assert args.use_cpu is no_gpu
+    # In place before TrainingArguments built accelerate's state, which read it once.
+    assert args.distributed_state.device.type == ("cpu" if no_gpu else args.device.type)
+    assert args.dataloader_pin_memory is not no_gpu  # transformers' own use_cpu consequence
+    assert TrainArguments(output_dir=str(tmp_path), report_to="none", use_cpu=False).use_cpu is False
+
+
+def test_use_cpu_stays_off_under_deepspeed(tmp_path):
+    pytest.importorskip("deepspeed")
+    # Without a GPU, use_cpu would take _setup_devices' CPU branch and bypass DeepSpeed.
+    zero2 = os.path.join(REPO_ROOT, "configs", "deepspeed", "zero2.json")
+    args = TrainArguments(output_dir=str(tmp_path), report_to="none", deepspeed=zero2)
+    assert args.use_cpu is False
+
+
+def test_parsing_adapts_nothing_to_the_machine(tmp_path, monkeypatch, capsys):
+    # Worker capping and wandb are run.environment.adapt_to_machine's (train.py calls it).
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    *_, train_args = parse_config(["--output_dir", str(tmp_path), "--dataloader_num_workers", "4"])
+    assert train_args.dataloader_num_workers == 4
+    assert capsys.readouterr().err == ""
+
+
+# --- the demo's assets: made by train.py where the demo names them, no setting of the schema ------
+
+
+@pytest.fixture
+def demo_config(tmp_path, monkeypatch) -> dict:
+    """A demo config naming paths under tmp_path, and builders that only record their calls."""
+    settings = {"vision_model": str(tmp_path / "base" / "vision"), "llm_model": str(tmp_path / "base" / "llm"),
+                "data_path": str(tmp_path / "data" / "train.json")}
+    monkeypatch.setattr(demo_assets, "DEMO_CONFIG", write_yaml(tmp_path, settings, "demo.yaml"))
+    made = []
+    monkeypatch.setattr(demo_assets, "make_tiny_base", lambda out, corpus, seed: made.append(("base", out, seed)))
+    monkeypatch.setattr(demo_assets, "make_demo_dataset", lambda out, train, eval_: made.append(("data", out, train, eval_)))
+    return {"settings": settings, "made": made, "root": tmp_path}
+
+
+def test_a_run_naming_the_demos_paths_gets_its_assets_made_once(demo_config):
+    settings, made, root = demo_config["settings"], demo_config["made"], demo_config["root"]
+    model_args = ModelArguments(vision_model=settings["vision_model"], llm_model=settings["llm_model"])
+    data_args = DataArguments(data_path=settings["data_path"])
+    demo_assets.make_missing_demo_assets(model_args, data_args)
+    assert made == [("base", str(root / "base"), 0),
+                    ("data", str(root / "data"), demo_assets.DEMO_TRAIN_RECORDS, demo_assets.DEMO_EVAL_RECORDS)]
+    for folder in ("base/vision", "base/llm", "data"):
+        (root / folder).mkdir(parents=True)
+    (root / "data" / "train.json").write_text("[]")
+    made.clear()
+    demo_assets.make_missing_demo_assets(model_args, data_args)  # present: nothing is rebuilt
+    assert made == []
+
+
+def test_a_run_naming_its_own_base_and_data_builds_nothing(demo_config, tmp_path):
+    model_args = ModelArguments(vision_model=str(tmp_path / "v"), llm_model=str(tmp_path / "l"))
+    demo_assets.make_missing_demo_assets(model_args, DataArguments(data_path=str(tmp_path / "mine.json")))
+    assert demo_config["made"] == []
+
+
+def test_the_shipped_demo_config_names_paths_the_builders_write():
+    demo = demo_assets.demo_settings()
+    assert os.path.dirname(demo["vision_model"]) == os.path.dirname(demo["llm_model"])  # make_tiny_base's two
+    assert os.path.basename(demo["vision_model"]) == "vision" and os.path.basename(demo["llm_model"]) == "llm"
+    assert demo["eval_data_path"] == os.path.join(os.path.dirname(demo["data_path"]), "eval.json")
+    assert os.path.basename(demo["data_path"]) == "train.json"
+
+
+def test_the_schema_holds_no_demo_knob_and_old_manifests_still_load(tmp_path):
+    names = {f.name for cls in (ModelArguments, DataArguments) for f in dataclasses.fields(cls)}
+    assert not {n for n in names if "demo" in n or n.endswith("_if_missing")}
+    # A manifest written while the schema had them: the loader reads the fields it knows.
+    stored = {**dataclasses.asdict(ModelArguments(vision_model="v", llm_model="l")), "build_tiny_base_if_missing": True}
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "model_args": stored}))
+    assert checkpoint_model_args(str(tmp_path)) == ModelArguments(vision_model="v", llm_model="l")

@@ -728,7 +728,6 @@ def mixed_run(tiny_base, tmp_path_factory):
     out = str(root / "run")
     argv = [
         "configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", path, "--image_folder", media, "--eval_data_path", "", "--num_frames", "2",
         "--data_check_cache", str(root / "cache"), "--output_dir", out,
         "--max_steps", "3", "--per_device_train_batch_size", "2", "--group_by_modality_length", "true",

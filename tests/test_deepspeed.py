@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
-from config import parse_config
+from cli import parse_config
 from run.checkpoint import DELTA, load_checkpoint, read_manifest
 from tests.helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, torchrun_train
 

@@ -23,7 +23,6 @@ def run(launcher: list[str], tiny_base, data_path, image_folder, out, *extra) ->
     argv = [
         *launcher, "train.py", "configs/demo.yaml",
         "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", data_path, "--image_folder", image_folder, "--eval_data_path", "",
         "--output_dir", out, "--max_steps", "3", "--disable_tqdm", "true", "--warmup_steps", "0",
         *extra,

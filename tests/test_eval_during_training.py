@@ -24,8 +24,11 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import scripts.web_demo
 import train
-from config import DEFAULT_EVAL_STEPS, ConfigError, ModelArguments, TrainArguments, parse_config
+from cli import parse_config
+from config import DEFAULT_EVAL_STEPS, TrainArguments
 from data.dataset import read_records
+from errors import ConfigError
+from model.settings import ModelArguments
 from run.checkpoint import load_base
 from run.inputs import model_inputs
 from run.predict import HeldOut
@@ -163,7 +166,6 @@ def composed_run(tiny_base, demo_data, tmp_path_factory) -> str:
     result = subprocess.run(
         [sys.executable, "train.py", "configs/demo.yaml",
          "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-         "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
          "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
          "--eval_data_path", demo_data["eval"], "--output_dir", out, "--per_device_train_batch_size", "4",
          "--eval_strategy", "steps", "--eval_steps", "2", "--max_steps", "4", "--eval_max_samples", "4",

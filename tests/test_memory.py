@@ -16,10 +16,11 @@ from helpers import tiny_model_args
 from PIL import Image
 from test_freeze import RECIPES, fixed_batch
 
-from config import ModelArguments, parse_config
+from cli import parse_config
 from data.processor_prompt import encode_batch
 from model.freeze import apply_freeze_policy
 from model.released import load_released_processor
+from model.settings import ModelArguments
 from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
 from tools.memory import format_plan, plan_memory
@@ -45,10 +46,8 @@ def test_dry_run_prints_table_and_plan_and_trains_nothing(tiny_base, demo_data, 
         "configs/demo.yaml",
         "--vision_model", tiny_base["vision"],
         "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false",
         "--data_path", demo_data["train"],
         "--image_folder", demo_data["image_folder"],
-        "--make_demo_data_if_missing", "false",
         "--per_device_train_batch_size", "3",
         "--max_length", "200",
         "--activation_checkpointing", "true",

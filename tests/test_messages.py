@@ -121,7 +121,6 @@ def test_train_py_trains_on_a_messages_dataset(tmp_path, media, tiny_base):
     out = str(tmp_path / "run")
     train.main([
         "configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--dataset_name", saved_dataset(tmp_path, media), "--eval_data_path", "",
         "--data_check_cache", str(tmp_path / "cache"), "--output_dir", out,
         "--max_steps", "2", "--per_device_train_batch_size", "2",
@@ -167,7 +166,6 @@ def test_infer_answers_a_messages_file(tmp_path, media, tiny_base, monkeypatch, 
 
     train.main([
         "configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", media["llava"], "--image_folder", media["folder"], "--eval_data_path", "",
         "--data_check_cache", str(tmp_path / "cache"), "--output_dir", out,
         "--max_steps", "1", "--per_device_train_batch_size", "2",

@@ -25,7 +25,6 @@ def train_argv(tiny_base, demo_data, out, *extra):
     return [
         sys.executable, "train.py", "configs/demo.yaml",
         "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
-        "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
         "--data_path", demo_data["train"], "--image_folder", demo_data["image_folder"],
         "--eval_data_path", "",  # no accuracy pass: only the weights matter here
         "--output_dir", out, "--max_steps", "8", "--per_device_train_batch_size", "4",

@@ -75,7 +75,6 @@ def checkpoint(workdir) -> str:
     evaluates 8 held-out records every 40 steps, for the page's accuracy curve."""
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "train.py"), os.path.join(REPO_ROOT, "configs", "demo.yaml"),
-         "--build_tiny_base_if_missing", "false", "--make_demo_data_if_missing", "false",
          "--max_steps", "120", "--per_device_train_batch_size", "8",
          "--warmup_steps", "10", "--logging_steps", "10", "--eval_steps", "40", "--eval_max_samples", "8"],
         cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT_S, env=script_env(workdir),
