@@ -20,17 +20,17 @@ from data.messages import use_messages_dataset
 from data.processor_prompt import ImageTokenCount, ProcessorCollator, ProcessorDataset, ProcessorTemplate
 from data.sampler import modality_length_sampler
 from data.validate import check_training_data
+from fixtures.synthetic import make_demo_dataset, vocabulary
+from fixtures.tiny_base import make_tiny_base
 from model.build import load_processors
 from model.freeze import apply_freeze_policy, format_table
+from model.memory_plan import format_plan, plan_memory
 from model.released import load_processor
 from run.checkpoint import MANIFEST, load_base, load_delta
 from run.predict import HeldOut, accuracy
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
-from tools.memory import format_plan, plan_memory
-from tools.synthetic import make_demo_dataset, vocabulary
-from tools.tiny_base import make_tiny_base
 
 
 def prepare_demo_assets(model_args, data_args, train_args) -> None:
@@ -121,7 +121,7 @@ def main(argv=None):
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:
         # max_length counts image tokens; the plan assumes every batch is padded to it (a released
-        # VLM's images at the processor's pixel budget: tools/anatomy.py).
+        # VLM's images at the processor's pixel budget: model/anatomy.py).
         plan = plan_memory(
             model,
             train_args.per_device_train_batch_size,

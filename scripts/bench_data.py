@@ -24,11 +24,11 @@ from transformers import HfArgumentParser
 
 from config import DEMO_CONFIG, DataArguments, ModelArguments
 from data.dataset import Collator, SupervisedDataset
+from fixtures.synthetic import make_demo_dataset, vocabulary
+from fixtures.tiny_base import make_tiny_base
 from model.build import load_processors
 from model.vlm import IMAGE_TOKEN_INDEX
 from scripts.check_data import num_image_tokens
-from tools.synthetic import make_demo_dataset, vocabulary
-from tools.tiny_base import make_tiny_base
 
 
 @dataclass

@@ -19,10 +19,10 @@ from test_freeze import RECIPES, fixed_batch
 from config import ModelArguments, parse_config
 from data.processor_prompt import encode_batch
 from model.freeze import apply_freeze_policy
+from model.memory_plan import format_plan, plan_memory
 from model.released import load_processor
 from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
-from tools.memory import format_plan, plan_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +221,7 @@ def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
     assert adamw.endswith(" 50.36 GiB")  # 8 bytes x 6.76 B trainable (LLM + projector)
 
 
-# --- a released VLM: the same plan, read through tools/anatomy.py --------------------------------
+# --- a released VLM: the same plan, read through model/anatomy.py --------------------------------
 
 RELEASED_RECIPES = {
     "lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),

@@ -20,7 +20,7 @@ the head keeps the gradient of its input from the forward and holds one chunk of
 time; unfused, the loss keeps the fp32 log-softmax of the logits and adds, at the start of
 backward, two more logits-sized fp32 gradients.
 
-Both kinds of base are planned by this one arithmetic: tools/anatomy.py says where a model's
+Both kinds of base are planned by this one arithmetic: model/anatomy.py says where a model's
 tower, connector and LLM are and how many tokens an image is (for a released VLM, from its config
 and the processor's pixel budget: the plan then holds the largest image).
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model.anatomy import Anatomy, Stack, anatomy
 from model.loss import CHUNK_ELEMENTS
-from tools.anatomy import Anatomy, Stack, anatomy
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # a block: `layers.3.` (`blocks.3.`: Qwen2-VL's tower)
 # Linear layers by where their input comes from in a block (Llama, Qwen, Mistral, CLIP, SigLIP).
