@@ -67,13 +67,19 @@ class MemoryPlan:
 
 
 def _quant_state_bytes(param, seen: set[int]) -> int:
-    """Bytes of a 4-bit weight's quantization state (absmax, code book, nested absmax), counting
-    each storage once: the code book is shared between layers."""
+    """Bytes of a 4-bit weight's quantization state (absmax, code book, and a double-quantized
+    one's offset, nested absmax and code book), each storage counted once (a code book may be
+    shared between layers). Read from the state's own tensors: `as_dict()` builds copies, whose
+    addresses are freed and reused, so counting those undercounted by a varying amount."""
+    state = param.quant_state
+    tensors = [state.absmax, state.code, state.offset]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
     total = 0
-    for value in param.quant_state.as_dict(packed=True).values():
-        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
-            seen.add(value.untyped_storage().data_ptr())
-            total += value.untyped_storage().nbytes()
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            total += tensor.untyped_storage().nbytes()
     return total
 
 
