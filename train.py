@@ -19,7 +19,9 @@ from config import save_resolved_config
 from data.dataset import read_records
 from data.messages import use_messages_dataset
 from data.sampler import modality_length_sampler
+from fixtures.demo_assets import make_missing_demo_assets
 from model.freeze import apply_freeze_policy, format_table
+from model.memory_plan import format_plan, plan_memory
 from run.checkpoint import MANIFEST, load_base, load_delta
 from run.environment import adapt_to_machine
 from run.inputs import model_inputs
@@ -27,8 +29,6 @@ from run.predict import HeldOut, accuracy
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
-from tools.demo_assets import make_missing_demo_assets
-from tools.memory import format_plan, plan_memory
 
 
 def training_data(inputs, data_args, train_args):
@@ -90,7 +90,7 @@ def main(argv=None):
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:
         # max_length counts image tokens; the plan assumes every batch is padded to it (a released
-        # VLM's images at the processor's pixel budget: tools/anatomy.py).
+        # VLM's images at the processor's pixel budget: model/anatomy.py).
         plan = plan_memory(
             model,
             train_args.per_device_train_batch_size,

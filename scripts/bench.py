@@ -29,7 +29,7 @@ shared machine do not inflate), then one memory step. Peak memory is counted, no
 model's parameters and buffers and the optimizer's states (each storage once) plus the peak of
 tensor bytes that the memory step allocates on top of them (see `StepMemory`). Peak RSS is read
 before the memory step, whose profiler allocates too. The plan is our model's `--dry_run` plan
-(`tools.memory.plan_memory`) for the same batch. The device's peak
+(`model.memory_plan.plan_memory`) for the same batch. The device's peak
 FLOP/s is a large matmul (fp32 on a CPU, bf16 on a GPU) timed in every process; the best counts.
 """
 from __future__ import annotations
@@ -139,8 +139,8 @@ def make_trainer(args: BenchArguments, side: str, built: Side, clock, device):
     if args.peer_trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
+        from fixtures.tiny_base import build_tokenizer
         from patches import cap_trl_chunk_size
-        from tools.tiny_base import build_tokenizer
 
         # TRL scores the LM head in tiles 32768 words wide: a fraction of a real vocabulary
         # (Qwen2.5: 151,936) but 8x all of cpu_small's, where the tile's unused columns would
@@ -174,7 +174,7 @@ def run_side(args: BenchArguments, side: str, recipe: str) -> dict:
 
 def side_result(args: BenchArguments, side: str, recipe: str, built: Side, trainer, clock, device) -> dict:
     """The child's figures: step times, counted and resident memory, the plan, FLOPs."""
-    from tools.memory import weight_bytes
+    from model.memory_plan import weight_bytes
 
     timed_end = args.warmup_steps + args.steps
 
@@ -379,7 +379,7 @@ def print_plans(args: BenchArguments, shape_name: str, shape: dict) -> None:
     """Each recipe's plan for the shape's batch, built on the meta device from its configs alone."""
     from model.build import build_model
     from model.freeze import apply_freeze_policy
-    from tools.memory import plan_memory
+    from model.memory_plan import plan_memory
 
     configs = os.path.join(work_dir(args.workdir), f"{shape_name}-configs")
     image_tokens = image_tokens_per_image(shape)

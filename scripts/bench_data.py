@@ -24,10 +24,10 @@ from transformers import HfArgumentParser
 from config import DataArguments, ModelArguments
 from constants import DEMO_CONFIG
 from data.dataset import Collator, SupervisedDataset
+from fixtures.demo_assets import make_missing_demo_assets
 from model.build import load_tokenizer_and_image_processor
 from model.vlm import IMAGE_TOKEN_INDEX
 from scripts.check_data import num_image_tokens
-from tools.demo_assets import make_missing_demo_assets
 
 
 @dataclass

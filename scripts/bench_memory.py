@@ -74,9 +74,9 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
 
     from config import ModelArguments, TrainArguments
     from model.freeze import apply_freeze_policy
+    from model.memory_plan import plan_memory
     from run.checkpoint import load_base
     from run.trainer import VLMTrainer
-    from tools.memory import plan_memory
 
     args = ModelArguments(
         vision_model=os.path.join(base_dir, "vision"), llm_model=os.path.join(base_dir, "llm"), **RECIPES[recipe]
@@ -201,8 +201,8 @@ def measure(base_dir: str, run: str, batch_size: int, seq_len: int, steps: int) 
 def ensure_base(base_dir: str | None) -> str:
     if base_dir:
         return base_dir
-    from tools.synthetic import vocabulary
-    from tools.tiny_base import make_tiny_base
+    from fixtures.synthetic import vocabulary
+    from fixtures.tiny_base import make_tiny_base
 
     base_dir = os.path.join(tempfile.gettempdir(), "bench_memory_tiny_base")
     if not os.path.isdir(os.path.join(base_dir, "llm")):

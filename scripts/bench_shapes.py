@@ -166,19 +166,19 @@ class Collate:
 
 # --- a native shape: one released model, both sides ------------------------------------------------
 
-# tools/tiny_vlms.py's Qwen2.5-VL tokenizer: these special tokens take ids 0..6, in this order.
+# fixtures/tiny_vlms.py's Qwen2.5-VL tokenizer: these special tokens take ids 0..6, in this order.
 QWEN2_5_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
 NATIVE_PROMPT = "Describe the picture."
 
 
 def native_processor(shape: dict):
-    """Qwen2.5-VL's processor, built offline from tools/tiny_vlms.py's pieces (a byte-level BPE
+    """Qwen2.5-VL's processor, built offline from fixtures/tiny_vlms.py's pieces (a byte-level BPE
     tokenizer with the family's special tokens, its ChatML template), the pixel budget set so that
     an `image_size` square image keeps its size."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    from tools.tiny_vlms import QWEN2_5_VL_TEMPLATE, _tokenizer
+    from fixtures.tiny_vlms import QWEN2_5_VL_TEMPLATE, _tokenizer
 
     vision, size = shape["vision"], shape["image_size"]
     unit = vision["patch_size"] * vision["spatial_merge_size"]

@@ -194,8 +194,8 @@ def _native_side(args: BenchArguments, side: str, recipe: str, device, base: str
     """Both sides: the same released model from the same folder, the same processor-made batches."""
     import torch
 
+    from model.memory_plan import plan_memory
     from tools.flops import qwen2_5_vl_step_flops
-    from tools.memory import plan_memory
 
     torch.manual_seed(0)
     model = build_native_ours(args, base, recipe, shape) if side == "ours" else build_native_peer(args, base, recipe)
@@ -216,8 +216,8 @@ def _composed_side(args: BenchArguments, side: str, recipe: str, device, base: s
     """Ours composed from vision/ and llm/, the peer Llava from llava/; synthetic batches."""
     import torch
 
+    from model.memory_plan import plan_memory
     from tools.flops import step_flops
-    from tools.memory import plan_memory
 
     batch_size, seq_len = args.batch_size, args.seq_len
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from tools.synthetic import vocabulary
-from tools.tiny_base import make_tiny_base
+from fixtures.synthetic import vocabulary
+from fixtures.tiny_base import make_tiny_base
 
 
 @dataclass

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from helpers import tiny_model_args  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from tools.synthetic import make_demo_dataset, vocabulary  # noqa: E402
-from tools.tiny_base import make_tiny_base  # noqa: E402
-from tools.tiny_vlms import make_tiny_vlm  # noqa: E402
+from fixtures.synthetic import make_demo_dataset, vocabulary  # noqa: E402
+from fixtures.tiny_base import make_tiny_base  # noqa: E402
+from fixtures.tiny_vlms import make_tiny_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,7 +73,7 @@ def model_args(tiny_base):
 
 @pytest.fixture(scope="session")
 def released_vlm(tmp_path_factory):
-    """`released_vlm(family, seed=0)` -> folder of a tiny released VLM (tools/tiny_vlms.py: the
+    """`released_vlm(family, seed=0)` -> folder of a tiny released VLM (fixtures/tiny_vlms.py: the
     family's config at toy size, seeded random weights, saved with save_pretrained), built once per
     (family, seed) in this session. Same seed, same weights; another seed, same config."""
     root = tmp_path_factory.mktemp("released_vlms")

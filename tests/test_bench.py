@@ -171,7 +171,7 @@ def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     table = rows(lines)
     assert list(table) == ["ours", "peer"]
     for row in table.values():
-        check_row(row, seq_len=64)  # the plan's columns too: tools/memory.py plans a released VLM
+        check_row(row, seq_len=64)  # the plan's columns too: model/memory_plan.py plans a released VLM
     # One model, one set of weights and batches: the same loss before training and, trained by
     # the same optimizer on the same parameters, the same mean training loss.
     assert float(table["ours"]["loss0"]) == pytest.approx(float(table["peer"]["loss0"]), abs=1e-3)

@@ -13,6 +13,8 @@ from helpers import tiny_model_args
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fixtures.synthetic import vocabulary
+from fixtures.tiny_base import make_tiny_base
 from model.build import load_tokenizer_and_image_processor
 from model.freeze import apply_freeze_policy, is_lora
 from model.vlm import IMAGE_TOKEN_INDEX
@@ -28,8 +30,6 @@ from run.checkpoint import (
 )
 from run.fingerprint import fingerprint
 from run.run_folder import COMPLETE, latest_checkpoint, prune_checkpoints
-from tools.synthetic import vocabulary
-from tools.tiny_base import make_tiny_base
 
 LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8)
 RECIPES = {

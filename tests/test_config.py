@@ -16,9 +16,9 @@ import yaml
 from cli import parse_config
 from config import DataArguments, TrainArguments, config_dict, save_resolved_config
 from errors import ConfigError
+from fixtures import demo_assets
 from model.settings import DEFAULT_LLM, ModelArguments
 from run.checkpoint import FORMAT_VERSION, MANIFEST, checkpoint_model_args
-from tools import demo_assets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every training config; configs/shapes/ holds model shapes for scripts/bench.py, not runs.

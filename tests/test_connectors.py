@@ -13,8 +13,8 @@ from test_checkpoint import tiny_batch, train_steps
 from config import ConfigError
 from model.connectors import CONNECTORS
 from model.freeze import apply_freeze_policy
+from model.memory_plan import plan_memory
 from run.checkpoint import load_base, load_checkpoint, save_checkpoint
-from tools.memory import plan_memory
 
 TOY = '''
 from torch import nn

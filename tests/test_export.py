@@ -25,6 +25,8 @@ import infer
 from config import ModelArguments
 from data.processor_prompt import encode_batch
 from data.prompt import tokenize_prompt
+from fixtures.synthetic import make_image
+from fixtures.tiny_vlms import FAMILIES, make_tiny_vlm
 from model.build import load_tokenizer_and_image_processor
 from model.freeze import apply_freeze_policy
 from model.released import load_released_processor
@@ -32,8 +34,6 @@ from model.vision import load_vision_encoder
 from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
 from run.predict import generate_answers
 from scripts.export_hf import main as export_main
-from tools.synthetic import make_image
-from tools.tiny_vlms import FAMILIES, make_tiny_vlm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What color are the shapes?"

@@ -19,11 +19,11 @@ from test_freeze import RECIPES, fixed_batch
 from cli import parse_config
 from data.processor_prompt import encode_batch
 from model.freeze import apply_freeze_policy
+from model.memory_plan import format_plan, plan_memory, weight_bytes
 from model.released import load_released_processor
 from model.settings import ModelArguments
 from run.checkpoint import load_base
 from scripts.bench_memory import CHILD_ENV, child_command
-from tools.memory import format_plan, plan_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +99,12 @@ def test_4bit_weights_count_half_a_byte_plus_quant_state(tiny_base):
     nf4 = plan_memory(nf4_model, 2, 128, False).weights
     logical = sum(m.in_features * m.out_features for m in nf4_model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert logical == 2 * (4 * 128 * 128 + 3 * 128 * 256)  # every decoder linear, two layers
-    # Packed: half a byte each; double-quantized absmax: a byte per 64 values, plus small tables.
-    assert logical / 2 < nf4["nf4 4-bit"] < logical / 2 * 1.1
+    # Packed: half a byte each; double-quantized absmax: a byte per block of 64 values, an fp32
+    # absmax per 256 of those; per layer, an fp32 offset and code books of 16 and 256 fp32 values.
+    layers = sum(isinstance(m, bnb.nn.Linear4bit) for m in nf4_model.modules())
+    quant_state = logical // 64 + 4 * logical // (64 * 256) + layers * 4 * (1 + 16 + 256)
+    assert nf4["nf4 4-bit"] == logical // 2 + quant_state
+    assert weight_bytes(nf4_model) == weight_bytes(nf4_model)  # no temporary copies counted
     # What left fp32 is exactly those weights.
     assert fp32["float32"] - nf4["float32"] == 4 * logical
 
@@ -220,7 +224,7 @@ def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
     assert adamw.endswith(" 50.36 GiB")  # 8 bytes x 6.76 B trainable (LLM + projector)
 
 
-# --- a released VLM: the same plan, read through tools/anatomy.py --------------------------------
+# --- a released VLM: the same plan, read through model/anatomy.py --------------------------------
 
 RELEASED_RECIPES = {
     "lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),

@@ -1,5 +1,5 @@
 """Released VLMs as bases (`--vlm_model DIR`), on the tiny seeded models of every family in
-tools/tiny_vlms.py (llava, qwen2_5_vl, smolvlm, paligemma, minicpmv4_6; nothing downloaded): the
+fixtures/tiny_vlms.py (llava, qwen2_5_vl, smolvlm, paligemma, minicpmv4_6; nothing downloaded): the
 freeze table per recipe, our training loss against the model's own `forward(labels=...)`, the
 labels the processor path makes, train.py -> delta checkpoint -> infer.py end to end with frozen
 tensors bit-identical to the base, the adapter as plain PEFT reads it, a delta refused on a base
@@ -32,13 +32,13 @@ from cli import is_user_error
 from config import ModelArguments
 from data.media import load_image
 from data.processor_prompt import encode_batch
+from fixtures.tiny_vlms import FAMILIES
 from model.components import COMPONENTS
 from model.freeze import apply_freeze_policy, format_table, is_lora, is_quantized, logical_numel
 from model.released import load_released_processor
 from run.checkpoint import DELTA, MANIFEST, CheckpointError, load_base, load_checkpoint, save_checkpoint
 from run.fingerprint import base_name
 from run.predict import generate_answers
-from tools.tiny_vlms import FAMILIES
 
 LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
 # recipe -> (ModelArguments overrides, the mode the freeze table must print per component)
@@ -50,7 +50,7 @@ RECIPES = {
     "full_tower": (dict(freeze_vit=False), {"vision": "full", "connector": "full", "llm": "frozen"}),
 }
 # What one supervised assistant turn decodes to: its answer and the template's end of turn, nothing
-# of the prompt (the tiny chat templates of tools/tiny_vlms.py).
+# of the prompt (the tiny chat templates of fixtures/tiny_vlms.py).
 SUPERVISED = {
     "llava": " {}</s>",
     "qwen2_5_vl": "{}<|im_end|>\n",

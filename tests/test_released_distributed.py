@@ -1,4 +1,4 @@
-"""A released VLM (`--vlm_model`, the tiny llava of tools/tiny_vlms.py) under `torchrun` with 2
+"""A released VLM (`--vlm_model`, the tiny llava of fixtures/tiny_vlms.py) under `torchrun` with 2
 ranks on CPU (gloo): DDP where one rank's batch holds no image (it must run the image path, or
 the other rank waits for its gradients forever), DDP with LoRA on the vision tower, a ZeRO-3
 run whose delta, gathered from shards, loads on one process and answers, ZeRO-2 and FSDP2."""

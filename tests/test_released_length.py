@@ -1,7 +1,7 @@
 """A released VLM's sample is as long in the data check before step 1 as its processor makes it:
 the processor's own count of tokens per image size (`data.processor_prompt.ImageTokenCount`),
 so a record whose images make it too long is dropped and named before training rather than
-stopping a batch mid-run. On the tiny models of tools/tiny_vlms.py, nothing downloaded."""
+stopping a batch mid-run. On the tiny models of fixtures/tiny_vlms.py, nothing downloaded."""
 
 from __future__ import annotations
 

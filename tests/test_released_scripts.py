@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tools.tiny_vlms import make_tiny_vlm
+from fixtures.tiny_vlms import make_tiny_vlm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--dtype", "float32", "--bf16", "false",

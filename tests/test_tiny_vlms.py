@@ -1,4 +1,4 @@
-"""The tiny released-VLM families (tools/tiny_vlms.py) load through the Auto classes from their
+"""The tiny released-VLM families (fixtures/tiny_vlms.py) load through the Auto classes from their
 folder, render chat templates prefix-stably, train (finite loss, gradients) and generate."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tools.tiny_vlms import FAMILIES, make_tiny_vlm
+from fixtures.tiny_vlms import FAMILIES, make_tiny_vlm
 
 # What each family's template renders for an image part.
 PLACEHOLDER = {

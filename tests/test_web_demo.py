@@ -29,11 +29,11 @@ import scripts.web_demo
 from config import ModelArguments
 from data.dataset import read_records
 from data.media import load_video_frames
+from fixtures.tiny_vlms import make_tiny_vlm
 from model.freeze import apply_freeze_policy
 from model.released import load_released_processor
 from run.checkpoint import load_base, save_checkpoint
 from run.predict import generate_answers
-from tools.tiny_vlms import make_tiny_vlm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(REPO_ROOT, "docs", "web_demo.png")

@@ -1,4 +1,4 @@
-"""What the `--dry_run` memory plan (tools/memory.py) reads of a model, for both kinds of base.
+"""What the `--dry_run` memory plan (model/memory_plan.py) reads of a model, for both kinds of base.
 
 The plan's arithmetic is the same for every model: transformer stacks (the tower, the LLM) whose
 blocks keep what autograd saves, a connector between them, a head and a loss. Only where those
