@@ -17,16 +17,15 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 from transformers.trainer_utils import IntervalStrategy
 
 from cli import format_help, prog
 from model.connectors import CONNECTORS
-from patches import settle_cpu_distributed_state
+from patches import DeviceSetupHooks
 from run.environment import cap_dataloader_workers, check_logging
 
 DEFAULT_VISION, DEFAULT_LLM = "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"  # LLaVA-1.5's
@@ -252,7 +251,7 @@ class DataArguments:
 
 
 @dataclass
-class TrainArguments(TrainingArguments):
+class TrainArguments(DeviceSetupHooks):  # patches.py: accelerate's state without a GPU
     output_dir: str = field(default="outputs/run")
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower; default learning_rate."}
@@ -294,7 +293,7 @@ class TrainArguments(TrainingArguments):
     def __post_init__(self):
         # Without a GPU, accelerate treats `torchrun --nproc_per_node=N` as N unrelated single
         # processes unless told to use the CPU; then the same code runs DDP over gloo. Not under
-        # DeepSpeed: `use_cpu` would bypass it (see _setup_devices).
+        # DeepSpeed: `use_cpu` would bypass it (see patches.DeviceSetupHooks).
         if not torch.cuda.is_available() and not torch.backends.mps.is_available() and not self.deepspeed:
             self.use_cpu = True
         # --eval_steps alone asks for evaluation. --eval_strategy steps alone would evaluate every
@@ -310,12 +309,6 @@ class TrainArguments(TrainingArguments):
                 f"{self.train_sampling_strategy}: keep one."
             )
         cap_dataloader_workers(self)  # a recipe's 4 workers on a 2-core machine starve the step
-
-    @cached_property
-    def _setup_devices(self) -> torch.device:
-        device = TrainingArguments._setup_devices.func(self)
-        settle_cpu_distributed_state(self)  # patches.py: accelerate's state without a GPU
-        return device
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)

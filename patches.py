@@ -2,15 +2,17 @@
 
 Each entry names the upstream behaviour it works around and the pinned version it was written
 against; tests/test_patches.py fails when that behaviour changes, so an upgrade breaks here, in a
-test, and not silently in a run. Nothing outside this module touches a private name of
-transformers, accelerate, bitsandbytes, TRL or datasets.
+test, and not silently in a run. Nothing outside this module (and `bench/patches.py`, the
+benchmarks' own) touches a private name of transformers, peft, accelerate, torch, bitsandbytes, TRL
+or datasets: tests/test_private_names.py reads every Python file of the repo to hold that.
 
 1. `TrainerHooks`: transformers 5.23's Trainer has no public hook for what a delta checkpoint
    needs: the save (`_save`, which `save_model` calls with the engine's gathered state dict),
    marking a `checkpoint-N` complete before old ones are pruned (`_save_checkpoint`), resuming
    (`_load_from_checkpoint`) and a training sampler (`_get_train_sampler`).
-2. `settle_cpu_distributed_state`: accelerate 1.15 names no backend for DeepSpeed without a GPU
-   (and then counts one process), and turns only GPU process groups into FSDP (else silently DDP).
+2. `DeviceSetupHooks`, `settle_cpu_distributed_state`: accelerate 1.15 names no backend for
+   DeepSpeed without a GPU (and then counts one process), and turns only GPU process groups into
+   FSDP (else silently DDP); `TrainingArguments._setup_devices` is where its state is made.
 3. `keep_4bit_layout`: bitsandbytes 0.50 repacks a 4-bit weight for AVX512-BF16 CPUs on its first
    eval-mode call, after which it has no backward.
 4. `cap_trl_chunk_size`, `trl_chunk_size`, `trl_uses_triton`: TRL 1.16's chunked loss reads its
@@ -21,16 +23,23 @@ transformers, accelerate, bitsandbytes, TRL or datasets.
 7. `processor_image_tokens`: transformers 5.23's processors state how many tokens an image of a
    given size expands into only as `_get_num_multimodal_tokens` (what serving engines read); the
    data check counts a released VLM's samples with it.
+8. `attention_implementation`: transformers 5.23 keeps a config's attention kernel ("eager",
+   "sdpa", ...) only as `config._attn_implementation`; the memory plan counts eager's scores.
+9. `valid_dict_fields`, `parser_actions`: the `--help` table shows which settings take a JSON
+   object (transformers 5.23 lists them only as `TrainingArguments._VALID_DICT_FIELDS`) and reads
+   each option's spelling from argparse's `_actions` (HfArgumentParser's base has no public list).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+from functools import cached_property
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 
 class TrainerHooks(Trainer):
@@ -60,6 +69,17 @@ class TrainerHooks(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.load_delta_from(resume_from_checkpoint, model or self.model)
+
+
+class DeviceSetupHooks(TrainingArguments):
+    """`TrainingArguments` whose device setup (a private cached property, the one place accelerate's
+    state is made) ends with `settle_cpu_distributed_state`. The run's arguments subclass this."""
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = TrainingArguments._setup_devices.func(self)
+        settle_cpu_distributed_state(self)
+        return device
 
 
 def settle_cpu_distributed_state(args) -> None:
@@ -137,3 +157,19 @@ def processor_image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]
         return None
     counts = getattr(count(image_sizes=list(sizes)), "num_image_tokens", None)
     return list(counts) if counts is not None and len(counts) == len(sizes) else None
+
+
+def valid_dict_fields() -> tuple[str, ...]:
+    """The TrainingArguments settings that take a dict, given as JSON text or a JSON file's path
+    (`--deepspeed`, `--fsdp_config`, ...): `__post_init__` parses exactly these."""
+    return tuple(getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()))
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option an argparse parser (HfArgumentParser) accepts, in the order added."""
+    return list(parser._actions)
+
+
+def attention_implementation(config) -> str | None:
+    """The attention kernel a transformers config asks for ("eager", "sdpa", ...); None if unset."""
+    return getattr(config, "_attn_implementation", None)

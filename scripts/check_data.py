@@ -21,8 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, HfArgumentParser
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers import AutoConfig, AutoModel, HfArgumentParser
 
 from config import DataArguments, ModelArguments
 from data.processor_prompt import ImageTokenCount, ProcessorTemplate
@@ -44,7 +43,7 @@ def num_image_tokens(args: ModelArguments) -> int:
     config = AutoConfig.from_pretrained(args.vision_model, revision=args.vision_revision)
     vision_config = getattr(config, "vision_config", config)
     with torch.device("meta"):
-        encoder = MODEL_MAPPING[type(vision_config)]._from_config(vision_config)
+        encoder = AutoModel.from_config(vision_config)
         tower = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
         connector = CONNECTORS[args.connector](tower.hidden_size, 8, tower.num_tokens, args)
     return connector.num_tokens

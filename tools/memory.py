@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from model.loss import CHUNK_ELEMENTS
+from patches import attention_implementation
 from tools.anatomy import Anatomy, Stack, anatomy
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # a block: `layers.3.` (`blocks.3.`: Qwen2-VL's tower)
@@ -211,7 +212,7 @@ def _shape(tower: Stack) -> _Shape:
         gated="gate_proj" in names or "gate_up_proj" in names,
         rms_norm=any(type(m).__name__.endswith("RMSNorm") for _, m in tower.modules),
         act_tensors=2 if act in _TWO_TENSOR_ACTS else 1,
-        eager=getattr(config, "_attn_implementation", "sdpa") == "eager",
+        eager=attention_implementation(config) == "eager",
     )
 
 
