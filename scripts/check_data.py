@@ -17,7 +17,14 @@ device: no weights are read), or from a released VLM's processor (its template, 
 of tokens per image size), exactly as train.py would use them.
 """
 
+import os
 import sys
+
+# Run by its path (`python scripts/x.py`) too: the repo's root, where its modules live, comes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import startup  # noqa: F401  (first: before any library loads)
+
 from dataclasses import dataclass, field
 
 import torch
