@@ -89,10 +89,12 @@ def _one_line(text: str) -> str:
 def format_help(arguments, everything: bool = False) -> str:
     """The project's settings, grouped, one line each: `--name VALUE  (default X)  what it does`.
     Every spelling shown is one the parser accepts (underscores; booleans take true|false)."""
-    from transformers import HfArgumentParser, TrainingArguments  # as in help_groups
+    from transformers import HfArgumentParser  # as in help_groups
+
+    import patches
 
     parser = HfArgumentParser(arguments, allow_abbrev=False)
-    actions = {a.option_strings[0][2:]: a for a in parser._actions if a.option_strings[:1] != ["-h"]}
+    actions = {a.option_strings[0][2:]: a for a in patches.parser_actions(parser) if a.option_strings[:1] != ["-h"]}
     fields = {f.name: f for cls in arguments for f in dataclasses.fields(cls)}
     program = prog()
     rows: list[tuple[str, list[tuple[str, str]]]] = []
@@ -104,7 +106,7 @@ def format_help(arguments, everything: bool = False) -> str:
                 continue
             if action.type is not None and getattr(action.type, "__name__", "") == "string_to_bool":
                 value = "true|false"
-            elif name in getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()):
+            elif name in patches.valid_dict_fields():
                 value = "JSON|PATH"  # a JSON object, or a file holding one
             elif action.choices and len(action.choices) <= 6:
                 value = "|".join(map(str, action.choices))

@@ -12,6 +12,8 @@ The checkpoint folder alone says which base to load (its manifest); `--base_visi
 
 from __future__ import annotations
 
+import startup  # noqa: F401  (first: before any library loads)
+
 import json
 import tempfile
 from dataclasses import dataclass, field

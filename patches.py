@@ -2,8 +2,9 @@
 
 Each entry names the upstream behaviour it works around and the pinned version it was written
 against; tests/test_patches.py fails when that behaviour changes, so an upgrade breaks here, in a
-test, and not silently in a run. Nothing outside this module touches a private name of
-transformers, accelerate, bitsandbytes, TRL or datasets.
+test, and not silently in a run. Nothing outside this module (and `bench/patches.py`, the
+benchmarks' own) touches a private name of transformers, peft, accelerate, torch, bitsandbytes, TRL
+or datasets: tests/test_private_names.py reads every Python file of the repo to hold that.
 
 1. `TrainerHooks`: transformers 5.23's Trainer has no public hook for what a delta checkpoint
    needs: the save (`_save`, which `save_model` calls with the engine's gathered state dict),
@@ -22,10 +23,16 @@ transformers, accelerate, bitsandbytes, TRL or datasets.
 7. `processor_image_tokens`: transformers 5.23's processors state how many tokens an image of a
    given size expands into only as `_get_num_multimodal_tokens` (what serving engines read); the
    data check counts a released VLM's samples with it.
+8. `attention_implementation`: transformers 5.23 keeps a config's attention kernel ("eager",
+   "sdpa", ...) only as `config._attn_implementation`; the memory plan counts eager's scores.
+9. `valid_dict_fields`, `parser_actions`: the `--help` table shows which settings take a JSON
+   object (transformers 5.23 lists them only as `TrainingArguments._VALID_DICT_FIELDS`) and reads
+   each option's spelling from argparse's `_actions` (HfArgumentParser's base has no public list).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from functools import cached_property
 
@@ -150,3 +157,19 @@ def processor_image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]
         return None
     counts = getattr(count(image_sizes=list(sizes)), "num_image_tokens", None)
     return list(counts) if counts is not None and len(counts) == len(sizes) else None
+
+
+def valid_dict_fields() -> tuple[str, ...]:
+    """The TrainingArguments settings that take a dict, given as JSON text or a JSON file's path
+    (`--deepspeed`, `--fsdp_config`, ...): `__post_init__` parses exactly these."""
+    return tuple(getattr(TrainingArguments, "_VALID_DICT_FIELDS", ()))
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option an argparse parser (HfArgumentParser) accepts, in the order added."""
+    return list(parser._actions)
+
+
+def attention_implementation(config) -> str | None:
+    """The attention kernel a transformers config asks for ("eager", "sdpa", ...); None if unset."""
+    return getattr(config, "_attn_implementation", None)

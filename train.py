@@ -9,6 +9,8 @@ Reads like a table of contents: config -> model -> freeze policy -> data -> Trai
 
 from __future__ import annotations
 
+import startup  # noqa: F401  (first: before any library loads)
+
 import json
 import os
 

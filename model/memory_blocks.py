@@ -16,6 +16,7 @@ from torch import nn
 
 from model.anatomy import Stack
 from model.components import layer_index
+from patches import attention_implementation
 
 # Linear layers by where their input comes from in a block (Llama, Qwen, Mistral, CLIP, SigLIP).
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "qkv", "query_key_value", "c_attn", "Wqkv"}
@@ -107,7 +108,7 @@ def stack_shape(tower: Stack) -> Shape:
         gated="gate_proj" in names or "gate_up_proj" in names,
         rms_norm=any(type(m).__name__.endswith("RMSNorm") for _, m in tower.modules),
         act_tensors=2 if act in _TWO_TENSOR_ACTS else 1,
-        eager=getattr(config, "_attn_implementation", "sdpa") == "eager",
+        eager=attention_implementation(config) == "eager",
     )
 
 

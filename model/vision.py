@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 
@@ -17,7 +17,8 @@ def load_vision_encoder(path: str, revision=None, weights: bool = True, **from_p
     tower_class = MODEL_MAPPING[type(vision_config)]
     if not weights:
         with torch.device("meta"):
-            return tower_class._from_config(vision_config, dtype=from_pretrained_kwargs["dtype"])
+            # AutoModel.from_config builds the class MODEL_MAPPING names for this config.
+            return AutoModel.from_config(vision_config, dtype=from_pretrained_kwargs["dtype"])
     return tower_class.from_pretrained(path, revision=revision, **from_pretrained_kwargs)
 
 

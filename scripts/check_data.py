@@ -17,12 +17,18 @@ device: no weights are read), or from a released VLM's processor (its template, 
 of tokens per image size), exactly as train.py would use them.
 """
 
+import os
 import sys
+
+# Run by its path (`python scripts/x.py`) too: the repo's root, where its modules live, comes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import startup  # noqa: F401  (first: before any library loads)
+
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, HfArgumentParser
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers import AutoConfig, AutoModel, HfArgumentParser
 
 from config import DataArguments, ModelArguments
 from data.processor_prompt import ImageTokenCount, ProcessorTemplate
@@ -44,7 +50,7 @@ def num_image_tokens(args: ModelArguments) -> int:
     config = AutoConfig.from_pretrained(args.vision_model, revision=args.vision_revision)
     vision_config = getattr(config, "vision_config", config)
     with torch.device("meta"):
-        encoder = MODEL_MAPPING[type(vision_config)]._from_config(vision_config)
+        encoder = AutoModel.from_config(vision_config)
         tower = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
         connector = CONNECTORS[args.connector](tower.hidden_size, 8, tower.num_tokens, args)
     return connector.num_tokens

@@ -27,8 +27,15 @@ A QLoRA checkpoint is merged into the base loaded unquantized, as usual for QLoR
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import sys
+
+# Run by its path (`python scripts/x.py`) too: the repo's root, where its modules live, comes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import startup  # noqa: F401  (first: before any library loads)
+
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch

@@ -7,6 +7,14 @@ processor) and DIR/llm (Llama + a tokenizer with a chat template), each loadable
 (from the repository's root, as every script in scripts/ runs).
 """
 
+import os
+import sys
+
+# Run by its path (`python scripts/x.py`) too: the repo's root, where its modules live, comes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import startup  # noqa: F401  (first: before any library loads)
+
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser

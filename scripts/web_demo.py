@@ -22,9 +22,15 @@ never runs remote code. A checkpoint the loader refuses still opens the page, sh
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+# Run by its path (`python scripts/x.py`) too: the repo's root, where its modules live, comes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import startup  # noqa: F401  (first: before any library loads)
+
+import json
 import tempfile
 from dataclasses import dataclass, field
 from functools import partial

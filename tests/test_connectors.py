@@ -10,7 +10,8 @@ import torch
 from helpers import tiny_model_args
 from test_checkpoint import tiny_batch, train_steps
 
-from config import ConfigError
+from cli import format_help
+from config import ALL_ARGUMENTS, ConfigError
 from model.connectors import CONNECTORS
 from model.freeze import apply_freeze_policy
 from model.memory_plan import plan_memory
@@ -70,4 +71,6 @@ def test_every_connector_says_its_tokens_and_help(name, tiny_base):
     model = load_base(tiny_model_args(tiny_base, connector=name, resampler_num_queries=16, resampler_num_heads=4))
     features = torch.randn(2, model.vision.num_tokens, model.vision.hidden_size)
     assert model.connector(features).shape[1] == model.connector.num_tokens == model.num_image_tokens
-    assert CONNECTORS[name].help
+    # `train.py --help` describes it on the --connector line, in the connector's own words.
+    connector_line = next(line for line in format_help(ALL_ARGUMENTS).splitlines() if line.lstrip().startswith("--connector "))
+    assert CONNECTORS[name].help.strip() and f"{name}: {CONNECTORS[name].help}" in connector_line

@@ -5,16 +5,15 @@ gradients)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import os
-import re
 from functools import cached_property
 
 import bitsandbytes as bnb
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments
+from transformers import HfArgumentParser, LlamaConfig, Trainer, TrainingArguments
 
 import patches
 
@@ -35,6 +34,9 @@ def test_trainer_hooks_override_what_the_trainer_still_calls():
 
 def test_setup_devices_is_a_cached_property_and_the_state_fields_exist():
     assert isinstance(inspect.getattr_static(TrainingArguments, "_setup_devices"), cached_property)
+    # The device property is what makes accelerate's state: DeviceSetupHooks settles it there.
+    assert isinstance(inspect.getattr_static(patches.DeviceSetupHooks, "_setup_devices"), cached_property)
+    assert "settle_cpu_distributed_state(self)" in inspect.getsource(patches.DeviceSetupHooks)
     state = PartialState()
     for field in ("backend", "num_processes", "process_index", "local_process_index", "distributed_type"):
         assert hasattr(state, field), field
@@ -54,9 +56,11 @@ def test_trl_chunk_size_constant_exists():
 
     size = trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
     assert isinstance(size, int) and size > 64
-    patches.cap_trl_chunk_size(64)
-    assert trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE == 64
-    trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = size
+    try:
+        patches.cap_trl_chunk_size(64)
+        assert trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE == 64
+    finally:  # a module constant: every later test in this process reads it
+        trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = size
 
 
 def test_the_loss_benchmarks_readings_of_torch_and_trl():
@@ -74,22 +78,26 @@ def test_dataset_fingerprint_follows_its_rows():
     assert patches.dataset_fingerprint(one) != patches.dataset_fingerprint(other)
 
 
-def test_nothing_else_touches_a_private_name_of_these_libraries():
-    """A private attribute of transformers, accelerate, bitsandbytes, TRL or datasets used outside
-    patches.py is a patch hiding elsewhere."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    private = re.compile(
-        r"\b(_setup_devices|_save_checkpoint|_load_from_checkpoint|_get_train_sampler"
-        r"|support_avx512bf16_for_cpu|_CHUNKED_LOGPROB_CHUNK_SIZE|_use_triton|_adjust|_fingerprint)\b"
-    )
-    offenders = []
-    for folder, _, files in os.walk(root):
-        if any(part in folder for part in (".git", "tests", "__pycache__")):
-            continue
-        for name in files:
-            path = os.path.join(folder, name)
-            if name.endswith(".py") and os.path.basename(path) != "patches.py":
-                with open(path) as f:
-                    offenders += [f"{path}:{i}" for i, line in enumerate(f, 1) if private.search(line)]
-    # config.py overrides the cached property by its name, and sends its body here.
-    assert [o for o in offenders if not o.startswith(os.path.join(root, "config.py"))] == []
+def test_the_json_settings_are_the_ones_training_arguments_parses():
+    fields = patches.valid_dict_fields()
+    assert {"deepspeed", "fsdp_config", "accelerator_config"} <= set(fields)
+    assert set(fields) <= {f.name for f in dataclasses.fields(TrainingArguments)}
+    # __post_init__ turns the JSON text of exactly these fields into dicts.
+    assert "self._VALID_DICT_FIELDS" in inspect.getsource(TrainingArguments.__post_init__)
+    args = TrainingArguments(output_dir="unused", report_to="none", lr_scheduler_kwargs='{"power": 2.0}')
+    assert "lr_scheduler_kwargs" in fields and args.lr_scheduler_kwargs == {"power": 2.0}
+
+
+def test_parser_actions_list_every_option_of_an_hf_argument_parser():
+    @dataclasses.dataclass
+    class Settings:
+        width: int = 4
+        name: str = "x"
+
+    options = [a.option_strings[0] for a in patches.parser_actions(HfArgumentParser(Settings))]
+    assert options == ["-h", "--width", "--name"]
+
+
+def test_attention_implementation_is_what_the_config_was_built_with():
+    assert patches.attention_implementation(LlamaConfig(attn_implementation="eager")) == "eager"
+    assert patches.attention_implementation(LlamaConfig(attn_implementation="sdpa")) == "sdpa"
