@@ -169,24 +169,28 @@ def _next_turn_marker(tokenizer, messages: list[dict], rendered: str) -> str:
     return _first_word(opening) if opening.strip() else tokenizer.eos_token or ""
 
 
+def _probe_answer(tokenizer) -> tuple[str, int]:
+    """(the supervised piece of a probe answer, where the answer itself ends in it)."""
+    probe = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
+    piece = next(text for text, supervised in split_supervised(tokenizer, probe) if supervised)
+    return piece, piece.rindex(PROBE_ANSWER) + len(PROBE_ANSWER)
+
+
 def turn_end_text(tokenizer) -> str:
     """The text that ends an assistant turn in the tokenizer's template, as training supervises it:
     the first word the template writes after an answer ("<|im_end|>", "</s>", "<end_of_turn>"), or
     where it writes none, the marker that opens the next turn ("<|user|>"). Its first token is the
     stop id the label rule trains (`turn_end_id`)."""
-    probe = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
-    answer = next(text for text, supervised in split_supervised(tokenizer, probe) if supervised)
-    return _first_word(answer.rsplit(PROBE_ANSWER, 1)[1]).strip()
+    piece, end = _probe_answer(tokenizer)
+    return _first_word(piece[end:]).strip()
 
 
 def turn_end_id(tokenizer) -> int:
-    """The token that ends an assistant turn (`turn_end_text`'s first token), tokenized in place
-    after an answer, as the label rule tokenizes it (a word marker may merge with the space before it)."""
-    probe = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
-    answer = next(text for text, supervised in split_supervised(tokenizer, probe) if supervised)
-    end = answer.rindex(PROBE_ANSWER) + len(PROBE_ANSWER)
-    start = end + answer[end:].index(turn_end_text(tokenizer))
-    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    """The token that ends an assistant turn: the one at `turn_end_text`'s first character, tokenized
+    in place after an answer as the label rule tokenizes it (a word marker may take the space before it)."""
+    piece, end = _probe_answer(tokenizer)
+    start = len(piece) - len(piece[end:].lstrip())
+    encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
     return next(t for t, (_, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if stop > start)
 
 
