@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
+from transformers import ProcessorMixin
 
 from constants import IGNORE_INDEX, NUM_FRAMES
 from data.dataset import record_messages
@@ -68,6 +69,14 @@ class ProcessorTemplate:
         return self.processor.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+
+def as_template(tokenizer_or_processor):
+    """What `split_supervised` reads: a composed base's tokenizer as it is, a released VLM's
+    processor as a `ProcessorTemplate` (as run.predict takes either, in the `tokenizer` slot)."""
+    if isinstance(tokenizer_or_processor, ProcessorMixin):
+        return ProcessorTemplate(tokenizer_or_processor)
+    return tokenizer_or_processor
 
 
 def align_labels(expanded: list[int], reference: list[int], supervised: list[bool]) -> list[int]:

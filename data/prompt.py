@@ -112,12 +112,20 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     )
 
 
+# The probe turns that show what a template writes around an answer (`turn_end_text`), and before
+# the question of the turn after one (`_next_turn_marker`).
+PROBE_QUESTION, PROBE_ANSWER = "Probe question?", "42"
+
+
 def split_supervised(
     tokenizer, messages: list[dict], add_generation_prompt: bool = False
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, supervised) pieces. An assistant piece is what the
-    template adds for that turn after the generation prompt: the answer and its end-of-turn.
-    Pieces are tokenized one by one, so a prompt at inference splits exactly as in training."""
+    template adds for that turn after the generation prompt: the answer and its end of turn, the
+    token the model must generate to stop. Where the template writes nothing after an answer
+    (GLM-4V style: the next role marker ends the turn), the end of turn is that marker: supervised
+    where the next turn writes it, and appended after the last answer, so that every answer learns
+    to stop. Pieces are tokenized one by one, so a prompt at inference splits exactly as in training."""
     full = _render(tokenizer, messages, add_generation_prompt)
     pieces, done = [], 0
     for i, message in enumerate(messages):
@@ -131,10 +139,60 @@ def split_supervised(
                 "its answer tokens cannot be located. Use a template whose rendering of the first "
                 "k turns is a prefix of the whole (pass --chat_template FILE.jinja)."
             )
-        pieces += [(full[done : len(prompt)], False), (full[len(prompt) : len(through)], True)]
-        done = len(through)
+        pieces.append((full[done : len(prompt)], False))
+        answer, done = full[len(prompt) : len(through)], len(through)
+        if _writes_no_turn_end(answer, message["content"]):
+            marker = _next_turn_marker(tokenizer, messages[: i + 1], through)
+            if i + 1 == len(messages):
+                answer += marker  # not in `full`: the conversation ends here
+            elif full.startswith(marker, done):
+                answer, done = answer + marker, done + len(marker)
+        pieces.append((answer, True))
     pieces.append((full[done:], False))
     return [(text, supervised) for text, supervised in pieces if text]
+def _writes_no_turn_end(answer_piece: str, content: str) -> bool:
+    """Whether the template writes nothing but whitespace after this answer."""
+    return answer_piece.rstrip().endswith(content.strip())
+
+
+def _first_word(text: str) -> str:
+    """`text` through its first non-blank run: "\n<|user|>\n" -> "\n<|user|>"."""
+    stripped = text.lstrip()
+    word = stripped.split(maxsplit=1)[0] if stripped else ""
+    return text[: len(text) - len(stripped) + len(word)]
+
+
+def _next_turn_marker(tokenizer, messages: list[dict], rendered: str) -> str:
+    """What the template writes after `messages` (rendered as `rendered`) to open a user turn, through
+    its first word ("<|user|>", "USER:"); the tokenizer's eos where it writes nothing there."""
+    following = _render(tokenizer, [*messages, {"role": "user", "content": PROBE_QUESTION}], False)
+    opening = following[len(rendered) :].split(PROBE_QUESTION, 1)[0]
+    return _first_word(opening) if opening.strip() else tokenizer.eos_token or ""
+
+
+def _probe_answer(tokenizer) -> tuple[str, int]:
+    """(the supervised piece of a probe answer, where the answer itself ends in it)."""
+    probe = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
+    piece = next(text for text, supervised in split_supervised(tokenizer, probe) if supervised)
+    return piece, piece.rindex(PROBE_ANSWER) + len(PROBE_ANSWER)
+
+
+def turn_end_text(tokenizer) -> str:
+    """The text that ends an assistant turn in the tokenizer's template, as training supervises it:
+    the first word the template writes after an answer ("<|im_end|>", "</s>", "<end_of_turn>"), or
+    where it writes none, the marker that opens the next turn ("<|user|>"). Its first token is the
+    stop id the label rule trains (`turn_end_id`)."""
+    piece, end = _probe_answer(tokenizer)
+    return _first_word(piece[end:]).strip()
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token that ends an assistant turn: the one at `turn_end_text`'s first character, tokenized
+    in place after an answer as the label rule tokenizes it (a word marker may take the space before it)."""
+    piece, end = _probe_answer(tokenizer)
+    start = len(piece) - len(piece[end:].lstrip())
+    encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+    return next(t for t, (_, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if stop > start)
 
 
 def _tokenize_piece(tokenizer, text: str, num_image_tokens: int, image_token_index: int) -> list[int]:

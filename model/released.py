@@ -189,6 +189,9 @@ class ReleasedVLM(VLMBase):
     def output_head(self) -> nn.Module:
         return self.base.get_output_embeddings()
 
+    def base_generation_config(self):
+        return self.base.generation_config
+
     def adapted_modules(self) -> dict[str, tuple[str, nn.Module]]:
         return {"vlm": ("vlm.", self.vlm)} if isinstance(self.vlm, PeftModel) else {}
 

@@ -65,6 +65,11 @@ class VLMBase(nn.Module):
         """{component: (module, keep(name) or None)}: the base weights a delta depends on."""
         raise NotImplementedError
 
+    def base_generation_config(self):
+        """The transformers generation config the base came with (not named `generation_config`:
+        the Trainer's `align_special_tokens` would then edit it)."""
+        raise NotImplementedError
+
     def last_hidden_states(self, inputs: dict) -> torch.Tensor:
         """[B, L, D]: the LLM's last hidden states for a training step's `inputs`."""
         raise NotImplementedError
@@ -235,6 +240,10 @@ class VisionLanguageModel(VLMBase):
 
     def output_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
+
+    def base_generation_config(self):
+        """The LLM's own generation config (its eos ids: run.predict.stop_token_ids)."""
+        return self.llm.generation_config
 
     def adapted_modules(self) -> dict[str, tuple[str, nn.Module]]:
         modules = {"llm": ("llm.", self.llm), "vision": ("vision.encoder.", self.vision.encoder)}

@@ -13,10 +13,35 @@ from constants import NUM_FRAMES
 from data.dataset import record_messages
 from data.inputs import ModelInputs, Prompt
 from data.media import load_record_media
-from data.prompt import IMAGE_MARKER
+from data.processor_prompt import as_template
+from data.prompt import IMAGE_MARKER, turn_end_id
 
 # One default for infer.py, evaluation in train.py and the web page.
 MAX_NEW_TOKENS = 64
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids generation stops at: the one rule of infer.py, evaluation during training, the web
+    page and the export's generation_config.json. Every eos id of the model's own generation config
+    (Gemma's [<eos>, <end_of_turn>], not just the tokenizer's eos), the tokenizer's eos, and the
+    token that ends an assistant turn in the chat template in use, which training supervises
+    (`data.prompt.turn_end_id`: "<|im_end|>", or GLM-4V's "<|user|>" where the template writes no
+    end after an answer). `model`: either kind of base, or a transformers model; `tokenizer`: a
+    composed base's tokenizer or a released VLM's processor (`ModelInputs.processing_class`)."""
+    if hasattr(model, "base_generation_config"):
+        config = model.base_generation_config()
+    else:
+        config = model.generation_config
+    own = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    template = as_template(tokenizer)
+    return list(dict.fromkeys(t for t in [*own, template.eos_token_id, turn_end_id(template)] if t is not None))
+
+
+def until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """The tokens before the first stop id: the answer (a stop id need not be a special token that
+    decoding skips: a template's word marker, "USER:")."""
+    stops = [i for i, token in enumerate(tokens) if token in stop_ids]
+    return tokens[: stops[0]] if stops else tokens
 
 
 @torch.no_grad()
@@ -24,18 +49,19 @@ def generate_answers(
     model, inputs: ModelInputs, prompts: list[Prompt], max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=1.0,
 ) -> list[str]:
     """prompts: (messages ending on a user turn, PIL images) pairs -> answer strings, through the
-    base's own prompt builder (`inputs`, data/inputs.py)."""
+    base's own prompt builder (`inputs`, data/inputs.py), each ended at the first of `stop_token_ids`."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in inputs.prompt_batch(prompts).items()}
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    stop_ids = stop_token_ids(model, inputs.processing_class)
     new_tokens = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
         pad_token_id=inputs.text_tokenizer.pad_token_id,
-        eos_token_id=inputs.text_tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
         **sampling,
-    )
-    return inputs.decode(new_tokens)
+    )  # [B, new]
+    return inputs.decode([until_stop(row, stop_ids) for row in new_tokens.tolist()])
 
 
 def first_question(record: dict, image_folder: str | None, num_frames: int = NUM_FRAMES) -> tuple[list[dict], list, str | None]:

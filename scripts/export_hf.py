@@ -27,6 +27,8 @@ A QLoRA checkpoint is merged into the base loaded unquantized, as usual for QLoR
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import sys
 
@@ -35,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import startup  # noqa: F401  (first: before any library loads)
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ from run.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from run.predict import stop_token_ids
 
 LLAVA_TOWERS = ("clip_vision_model", "siglip_vision_model")
 LLAVA_LLMS = ("llama", "qwen2", "mistral")
@@ -68,10 +70,21 @@ class ExportArguments:
     base_llm: str | None = field(default=None, metadata={"help": "Override the base LLM."})
 
 
+def stopping_generation_config(model, tokenizer):
+    """The base's generation config with infer.py's stop ids as its eos ids (`stop_token_ids`: the
+    config's own, the tokenizer's eos, the turn end training supervised), so that the exported
+    model stops on its own where infer.py stops, in any client that reads generation_config.json."""
+    config = copy.deepcopy(model.base_generation_config())
+    config.eos_token_id = stop_token_ids(model, tokenizer)
+    return config
+
+
 def export_released(model, processor, out: str) -> None:
     """The released model with its LoRA merged and its delta loaded, saved as transformers saves
     it, beside its processor (which carries the chat template the checkpoint trained with)."""
+    generation_config = stopping_generation_config(model, processor)
     vlm = model.vlm.merge_and_unload() if isinstance(model.vlm, PeftModel) else model.vlm
+    vlm.generation_config = generation_config
     vlm.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -125,7 +138,7 @@ def export_llava(model, tokenizer, image_processor, out: str) -> None:
     llava.model.multi_modal_projector.load_state_dict(model.connector.state_dict())
     llava.model.language_model.load_state_dict(model.llm.get_decoder().state_dict())
     llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
-    llava.generation_config = model.llm.generation_config
+    llava.generation_config = stopping_generation_config(model, tokenizer)
     llava.save_pretrained(out)
 
     processor = LlavaProcessor(
@@ -147,6 +160,7 @@ def export_merged(model, tokenizer, image_processor, out: str, source: str) -> N
     paths = {"vision": os.path.join(out, "vision"), "llm": os.path.join(out, "llm")}
     full_vision_tower(model).save_pretrained(paths["vision"])
     image_processor.save_pretrained(paths["vision"])
+    model.llm.generation_config = stopping_generation_config(model, tokenizer)  # infer.py reads it back
     model.llm.save_pretrained(paths["llm"])
     tokenizer.save_pretrained(paths["llm"])
 

@@ -80,3 +80,86 @@ def part_of(family: str, name: str) -> str:
         if plain.startswith(PARTS[family][part]):
             return part
     raise AssertionError(f"{family}: {name} ({plain}) is in no part")
+
+
+# --- answers and stops: a short real train.py run, then infer.py --data (tests/test_stopping.py) --
+
+COLOR_QUESTION = "What color are the shapes?"
+# Enough to learn the colour question to >= 0.9 held-out on a tiny base, with the LLM training.
+ANSWER_AND_STOP_FLAGS = [
+    "--num_train_epochs", "4", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+    "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--max_length", "256",
+    "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+    "--dataloader_num_workers", "0", "--logging_steps", "1000",
+]
+
+
+def make_color_set(folder: str, train_size: int = 64, eval_size: int = 16, seed: int = 0) -> dict:
+    """{"train", "eval": json, "image_folder": dir}: the demo's shape images (tools/synthetic.py),
+    each asked one question, their colour: one word out of four, learnt in a few hundred samples."""
+    import json
+    import random
+
+    from fixtures.synthetic import make_image
+
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    paths = {"image_folder": folder}
+    for split, size in (("train", train_size), ("eval", eval_size)):
+        records = []
+        for i in range(size):
+            image, facts = make_image(rng)
+            name = f"images/{split}-{i:04d}.png"
+            image.save(os.path.join(folder, name))
+            conversation = [{"from": "human", "value": "<image>\n" + COLOR_QUESTION}, {"from": "gpt", "value": facts["color"]}]
+            records.append({"id": f"{split}-{i}", "image": name, "conversations": conversation})
+        paths[split] = os.path.join(folder, f"{split}.json")
+        with open(paths[split], "w") as f:
+            json.dump(records, f)
+    return paths
+
+
+def train_and_answer(base_flags: list[str], workdir: str, *train_flags: str, data: dict | None = None) -> dict:
+    """A model trained on a small set must answer *and stop*. Runs the real train.py (a subprocess)
+    on `base_flags` (["--vision_model", V, "--llm_model", L] or ["--vlm_model", DIR]) plus
+    `train_flags` (the recipe: what trains; the LLM must, see STACK.md trap 8) on `data`
+    (`make_color_set` in `workdir` if None), then the real infer.py --data on its held-out records.
+    Returns {"accuracy": float, "predictions": [{"id", "prediction", "answer"}], "checkpoint": dir}."""
+    import json
+    import re
+
+    data = data or make_color_set(os.path.join(workdir, "data"))
+    checkpoint, predictions = os.path.join(workdir, "run"), os.path.join(workdir, "predictions.jsonl")
+    run_script("train.py", *base_flags, "--data_path", data["train"], "--image_folder", data["image_folder"],
+               "--output_dir", checkpoint, "--data_check_cache", os.path.join(workdir, "cache"),
+               *ANSWER_AND_STOP_FLAGS, *train_flags)
+    stdout = run_script("infer.py", "--checkpoint", checkpoint, "--data", data["eval"],
+                        "--image_folder", data["image_folder"], "--output", predictions)
+    with open(predictions) as f:
+        results = [json.loads(line) for line in f]
+    accuracy = float(re.search(r"accuracy: ([0-9.]+)", stdout).group(1))
+    return {"accuracy": accuracy, "predictions": results, "checkpoint": checkpoint}
+
+
+def run_script(*argv: str, timeout: int = 600) -> str:
+    """A script of the repository as a subprocess in its root (one thread, no network); its stdout."""
+    result = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=SUBPROCESS_ENV)
+    assert result.returncode == 0, f"{argv[0]} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def assert_answers_end_with_a_stop(labels: list[int], answers: list[str], stop_ids: list[int], tokenizer) -> None:
+    """The supervised runs of one row's `labels` are its `answers`, in order, each followed by a stop
+    id: what a model learns from them, it answers and then stops where generation stops."""
+    runs, run = [], []
+    for label in [*labels, -100]:
+        if label != -100:
+            run.append(label)
+        elif run:
+            runs, run = [*runs, run], []
+    assert len(runs) == len(answers), [tokenizer.decode(r) for r in runs]
+    for run, answer in zip(runs, answers, strict=True):
+        stops = [i for i, token in enumerate(run) if token in stop_ids]
+        assert stops, f"no stop id {stop_ids} in the supervised {tokenizer.decode(run)!r}"
+        assert tokenizer.decode(run[: stops[0]], skip_special_tokens=True).strip() == answer, tokenizer.decode(run)
