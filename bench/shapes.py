@@ -1,4 +1,4 @@
-"""What scripts/bench.py trains on: a shape (configs/shapes/NAME.yaml), built once with random
+"""What bench/training.py trains on: a shape (configs/shapes/NAME.yaml), built once with random
 weights (seed 0, nothing downloaded) and saved with save_pretrained, and the batches both sides
 train on.
 
@@ -18,6 +18,8 @@ import os
 import tempfile
 
 import yaml
+
+from constants import IGNORE_INDEX
 
 SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes")
 
@@ -143,7 +145,7 @@ def synthetic_samples(n: int, seq_len: int, images: int, image_tokens: int, voca
     input_ids = torch.randint(0, vocab - 1, (n, seq_len), generator=g)  # vocab - 1: the peer's image token
     labels = input_ids.clone()
     input_ids[:, 1 : 1 + slots] = image_token
-    labels[:, : 1 + slots] = -100
+    labels[:, : 1 + slots] = IGNORE_INDEX
     pixel_values = torch.randn(n * images, 3, image_size, image_size, generator=g)
     return input_ids, labels, pixel_values
 
@@ -244,7 +246,7 @@ def native_samples(base: str, shape: dict, n: int, seq_len: int, images: int, vo
         for _ in range(n)
     ])
     assert bool(batch["attention_mask"].all()), "the same prompt and image size on every row: no padding"
-    answer = int((batch["labels"][0] != -100).nonzero()[0])  # the first supervised position, every row's
+    answer = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])  # the first supervised position, every row's
     extra = seq_len - batch["input_ids"].shape[1]
     if extra < 0:
         raise SystemExit(f"--seq_len {seq_len}: the prompt and {images} image(s) take {seq_len - extra} tokens.")

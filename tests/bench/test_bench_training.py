@@ -1,4 +1,4 @@
-"""scripts/bench.py on the tiny shape: one row per side with every field present and sane, and the
+"""bench/training.py on the tiny shape: one row per side with every field present and sane, and the
 ours/peer line. Speed is measured by hand (docs/benchmarks.md), never asserted here."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 
 import pytest
 
-from scripts import bench, bench_shapes
+from bench import shapes as bench_shapes
+from bench import training
+from bench.arguments import BENCH_RECIPES
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--shape", "tiny", "--recipe", "lora", "--warmup_steps", "1", "--steps", "2", "--repeats", "1"]
 
 
@@ -31,7 +33,7 @@ def workdir(tmp_path_factory) -> str:
 
 def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", *args, "--workdir", workdir, *extra],
+        [sys.executable, "-m", "bench.training", *args, "--workdir", workdir, *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -40,8 +42,8 @@ def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
 
 def rows(lines: list[str]) -> dict[str, dict[str, str]]:
     """side -> {column: value} of the table under the header."""
-    names = bench.HEADER.split()
-    start = lines.index(bench.HEADER) + 1
+    names = training.HEADER.split()
+    start = lines.index(training.HEADER) + 1
     table = {}
     for line in lines[start:]:
         words = line.split()
@@ -115,14 +117,14 @@ def test_plan_only_plans_every_recipe_without_weights(tmp_path):
     """--plan_only builds each recipe on the meta device from the shape's configs: a GPU shape
     is planned on any machine, with nothing trained or downloaded."""
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bench.training", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("plan: shape tiny, batch 2 x 48 tokens") and "62 labelled positions" in lines[0]
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(table) == list(bench.RECIPES)
+    assert list(table) == list(BENCH_RECIPES)
     for recipe, (weights, grads, adamw, act_off, act_on, total_off, total_on) in table.items():
         assert weights > 0 and act_on <= act_off, recipe
         assert total_off == pytest.approx(weights + grads + adamw + act_off, abs=0.2), recipe
@@ -171,7 +173,7 @@ def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     table = rows(lines)
     assert list(table) == ["ours", "peer"]
     for row in table.values():
-        check_row(row, seq_len=64)  # the plan's columns too: tools/memory.py plans a released VLM
+        check_row(row, seq_len=64)  # the plan's columns too: the --dry_run plan covers a released VLM
     # One model, one set of weights and batches: the same loss before training and, trained by
     # the same optimizer on the same parameters, the same mean training loss.
     assert float(table["ours"]["loss0"]) == pytest.approx(float(table["peer"]["loss0"]), abs=1e-3)
@@ -185,7 +187,7 @@ def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     """A native shape's plan: the released model built on the meta device from one config.json,
     its image at the shape's size (the pixel budget), planned as train.py --dry_run plans it."""
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", "--shape", NATIVE, "--plan_only", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bench.training", "--shape", NATIVE, "--plan_only", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,6 +195,6 @@ def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     _, shape = bench_shapes.load_shape(NATIVE)
     assert f"image(s) of {bench_shapes.image_tokens_per_image(shape)} tokens/sample" in lines[0]
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(table) == list(bench.RECIPES)
+    assert list(table) == list(BENCH_RECIPES)
     assert table["full"][1] > table["lora"][1] >= table["pretrain"][1] > 0  # gradients of what trains only
     assert not glob.glob(os.path.join(tmp_path, "**", "*.safetensors"), recursive=True)
