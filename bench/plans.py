@@ -8,16 +8,8 @@ from __future__ import annotations
 import os
 
 from bench.arguments import BenchArguments
-from bench.shapes import (
-    image_tokens_per_image,
-    is_native,
-    native_config,
-    native_processor,
-    native_samples,
-    supervised_positions,
-    work_dir,
-    write_configs,
-)
+from bench.native_shapes import native_config, native_processor, native_samples
+from bench.shapes import image_tokens_per_image, is_native, supervised_positions, work_dir, write_configs
 from bench.sides import model_args_of
 from constants import IGNORE_INDEX
 

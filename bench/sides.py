@@ -11,15 +11,13 @@ import os
 from dataclasses import dataclass
 
 from bench.arguments import BenchArguments, recipe_flags
+from bench.native_shapes import NativeCollate, native_component, native_samples
 from bench.shapes import (
     Collate,
-    NativeCollate,
     base_dir,
     image_tokens_per_image,
     is_native,
     load_shape,
-    native_component,
-    native_samples,
     peer_image_token,
     supervised_positions,
     synthetic_samples,

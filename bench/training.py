@@ -48,8 +48,9 @@ if __package__ in (None, ""):  # run by its path: bench/ is then sys.path[0], an
 from transformers import HfArgumentParser  # noqa: E402
 
 from bench.arguments import BenchArguments  # noqa: E402
+from bench.native_shapes import build_native  # noqa: E402
 from bench.plans import print_plans  # noqa: E402
-from bench.shapes import base_dir, build_base, build_native, is_native, load_shape  # noqa: E402
+from bench.shapes import base_dir, build_base, is_native, load_shape  # noqa: E402
 from bench.side_process import run_side  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

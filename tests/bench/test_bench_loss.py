@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench import loss as bench_loss
 from bench.loss_bf16 import bf16_accuracy
 from bench.loss_gpu_plan import plan_rows
@@ -32,6 +34,7 @@ def table(stdout: str) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_every_method_prints_a_finite_row_matching_ours():
     result = subprocess.run(
         [sys.executable, "-m", "bench.loss", *ARGS],

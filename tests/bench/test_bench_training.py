@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
+from bench import native_shapes, training
 from bench import shapes as bench_shapes
-from bench import training
 from bench.arguments import BENCH_RECIPES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +72,7 @@ def check_row(row: dict[str, str], seq_len: int = 48) -> None:
     assert numbers["rss_MiB"] > numbers["peak_MiB"]  # the process holds its tensors, and libtorch
 
 
+@pytest.mark.slow
 def test_bench_prints_our_row(workdir):
     lines = run_bench(workdir)
     assert lines[0].startswith("bench: shape tiny, batch 2 x 48 tokens")
@@ -81,6 +82,7 @@ def test_bench_prints_our_row(workdir):
     assert not any("ours/peer" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_bench_peer_prints_both_rows_and_the_ratios(workdir):
     lines = run_bench(workdir, "--peer")
     table = rows(lines)
@@ -113,6 +115,7 @@ def test_every_shape_is_a_valid_vision_and_llm_config(path):
     assert shape["seq_len"] > bench_shapes.image_tokens_per_image(shape) + 2 and shape["batch_size"] >= 1
 
 
+@pytest.mark.slow
 def test_plan_only_plans_every_recipe_without_weights(tmp_path):
     """--plan_only builds each recipe on the meta device from the shape's configs: a GPU shape
     is planned on any machine, with nothing trained or downloaded."""
@@ -144,7 +147,7 @@ def native_workdir(tmp_path_factory) -> str:
     """The tiny native shape built here: one folder, model and processor, as a released VLM's."""
     path = str(tmp_path_factory.mktemp("bench_native"))
     name, shape = bench_shapes.load_shape(NATIVE)
-    bench_shapes.build_native(bench_shapes.base_dir(name, shape, "float32", path), shape, "float32")
+    native_shapes.build_native(bench_shapes.base_dir(name, shape, "float32", path), shape, "float32")
     return path
 
 
@@ -153,7 +156,7 @@ def test_native_samples_label_the_answer_only(native_workdir):
     `seq_len` tokens, each image expanded to its tokens (never labelled), labels from the answer on."""
     name, shape = bench_shapes.load_shape(NATIVE)
     base = bench_shapes.base_dir(name, shape, "float32", native_workdir)
-    batch = bench_shapes.native_samples(base, shape, n=2, seq_len=64, images=2, vocab=shape["llm"]["vocab_size"])
+    batch = native_shapes.native_samples(base, shape, n=2, seq_len=64, images=2, vocab=shape["llm"]["vocab_size"])
     ids, labels = batch["input_ids"], batch["labels"]
     assert ids.shape == labels.shape == (2, 64) and bool(batch["attention_mask"].all())
     image_token = json.load(open(os.path.join(base, "config.json")))["image_token_id"]
@@ -167,6 +170,7 @@ def test_native_samples_label_the_answer_only(native_workdir):
         assert int((ids[row, :start] == image_token).sum()) == 8  # both images before the answer
 
 
+@pytest.mark.slow
 def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     lines = run_bench(native_workdir, "--peer", args=NATIVE_ARGS)
     assert lines[0].startswith(f"bench: shape {NATIVE}, batch 2 x 64 tokens") and "the same qwen2_5_vl model" in lines[0]
@@ -183,6 +187,7 @@ def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     assert match and all(float(v) > 0 for v in match.groups()), ratio
 
 
+@pytest.mark.slow
 def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     """A native shape's plan: the released model built on the meta device from one config.json,
     its image at the shape's size (the pixel budget), planned as train.py --dry_run plans it."""
