@@ -29,9 +29,11 @@ In a process: build, `--warmup_steps` untimed steps, `--steps` timed ones (the m
 is the step time; the process's CPU time per step is shown beside it, which other processes on a
 shared machine do not inflate), then one memory step. Peak memory is counted, not sampled: the
 model's parameters and buffers and the optimizer's states (each storage once) plus the peak of
-tensor bytes that the memory step allocates on top of them (fixtures/tensor_peak.py). Peak RSS (VmHWM) is read
-before the memory step, whose profiler allocates too. The plan is our model's `--dry_run` plan
-(`plan_memory`) for the same batch (--plan_only: bench/plans.py). The device's peak FLOP/s is a large matmul (fp32 on a CPU, bf16 on a GPU) timed in every process; the best counts.
+tensor bytes that the memory step allocates on top of them (fixtures/tensor_peak.py). Peak RSS
+(VmHWM) is read before the memory step, whose profiler allocates too. The plan is our model's
+`--dry_run` plan (`plan_memory`) for the same batch (--plan_only: bench/plans.py). The device's
+peak FLOP/s is a large matmul (fp32 on a CPU, bf16 on a GPU) timed in every process; the best
+counts.
 """
 from __future__ import annotations
 
