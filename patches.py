@@ -15,12 +15,8 @@ or datasets: tests/test_private_names.py reads every Python file of the repo to 
    FSDP (else silently DDP); `TrainingArguments._setup_devices` is where its state is made.
 3. `keep_4bit_layout`: bitsandbytes 0.50 repacks a 4-bit weight for AVX512-BF16 CPUs on its first
    eval-mode call, after which it has no backward.
-4. `cap_trl_chunk_size`, `trl_chunk_size`, `trl_uses_triton`: TRL 1.16's chunked loss reads its
-   tile width from a module constant, and picks Triton by a private function.
-5. `dataset_fingerprint`: datasets 5.2 exposes a dataset's content hash only as `_fingerprint`.
-6. `torch_default_chunk_rows`: torch 2.14's `LinearCrossEntropyOptions` picks its default chunk
-   in a private `_adjust` (the loss benchmark reports it).
-7. `processor_image_tokens`: transformers 5.23's processors state how many tokens an image of a
+4. `dataset_fingerprint`: datasets 5.2 exposes a dataset's content hash only as `_fingerprint`.
+5. `processor_image_tokens`: transformers 5.23's processors state how many tokens an image of a
    given size expands into only as `_get_num_multimodal_tokens` (what serving engines read); the
    data check counts a released VLM's samples with it.
 8. `attention_implementation`: transformers 5.23 keeps a config's attention kernel ("eager",
@@ -112,35 +108,6 @@ def keep_4bit_layout(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
-
-
-def cap_trl_chunk_size(vocab_size: int) -> None:
-    """TRL's chunked LM-head loss splits the vocabulary in chunks of a module constant; at a tiny
-    vocabulary a chunk larger than it fails. The benchmark's peer sets it no larger."""
-    import trl.trainer.utils
-
-    trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, vocab_size)
-
-
-def trl_chunk_size() -> int:
-    """TRL's tile width over the vocabulary (its chunked LM-head loss)."""
-    import trl.trainer.utils
-
-    return trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
-
-
-def trl_uses_triton(device) -> bool:
-    """Whether TRL's chunked log-prob runs its Triton kernel on this device."""
-    from trl.kernels.chunked_logprob import _use_triton
-
-    return _use_triton(device)
-
-
-def torch_default_chunk_rows(rows: int, hidden: int, vocab: int, dtype, device) -> int:
-    """The rows per chunk torch's chunked linear_cross_entropy takes by default."""
-    from torch.nn import LinearCrossEntropyOptions
-
-    return LinearCrossEntropyOptions()._adjust(rows, hidden, vocab, dtype, device).batch_chunk_size
 
 
 def dataset_fingerprint(dataset) -> str:

@@ -95,7 +95,7 @@ ANSWER_AND_STOP_FLAGS = [
 
 
 def make_color_set(folder: str, train_size: int = 64, eval_size: int = 16, seed: int = 0) -> dict:
-    """{"train", "eval": json, "image_folder": dir}: the demo's shape images (tools/synthetic.py),
+    """{"train", "eval": json, "image_folder": dir}: the demo's shape images (fixtures/synthetic.py),
     each asked one question, their colour: one word out of four, learnt in a few hundred samples."""
     import json
     import random

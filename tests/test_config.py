@@ -21,7 +21,7 @@ from model.settings import DEFAULT_LLM, ModelArguments
 from run.checkpoint import FORMAT_VERSION, MANIFEST, checkpoint_model_args
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every training config; configs/shapes/ holds model shapes for scripts/bench.py, not runs.
+# Every training config; configs/shapes/ holds model shapes for bench/training.py and --dry_run, not runs.
 SHIPPED_CONFIGS = sorted(
     path
     for pattern in ("*.yaml", "*.yml")

@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_model_args
 
 from config import TrainArguments
+from fixtures.recipes import FREEZE_RECIPES
 from model.freeze import FreezeError, apply_freeze_policy
 from model.vlm import IMAGE_TOKEN_INDEX
 from run.checkpoint import load_base
@@ -42,82 +43,39 @@ def _any(*predicates):
 
 
 _CONNECTOR = _whole("connector")
-_RESAMPLER = {"connector": "resampler", "resampler_num_queries": 16, "resampler_num_heads": 4}
 
-# name -> (ModelArguments overrides, which parameter names train, the table's mode per component)
-RECIPES = {
-    "connector_only": ({}, _CONNECTOR, ("frozen", "full", "frozen")),
-    "full_llm": ({"freeze_llm": False}, _any(_CONNECTOR, _whole("llm")), ("frozen", "full", "full")),
-    "full_vit_llm": (
-        {"freeze_vit": False, "freeze_llm": False},
-        lambda n: True,
-        ("full", "full", "full"),
-    ),
-    "lora_llm": ({"lora_enable": True}, _any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "lora")),
-    "lora_vit": (
-        {"lora_enable": True, "lora_target": "vit"},
-        _any(_CONNECTOR, _lora_in("vision")),
-        ("lora", "full", "frozen"),
-    ),
-    # Trap 1 of STACK.md: vision LoRA behind a frozen connector and LLM, nothing else trains.
-    "lora_vit_only": (
-        {"lora_enable": True, "lora_target": "vit", "freeze_qformer": True},
-        _lora_in("vision"),
-        ("lora", "frozen", "frozen"),
-    ),
-    "lora_both": (
-        {"lora_enable": True, "lora_target": "both"},
-        _any(_CONNECTOR, _lora_in("vision"), _lora_in("llm")),
-        ("lora", "full", "lora"),
-    ),
-    # Ask-Anything stage 1: frozen ViT and Q-former, LoRA on the LLM.
-    "lora_freeze_qformer": (
-        {"lora_enable": True, "freeze_qformer": True},
-        _lora_in("llm"),
-        ("frozen", "frozen", "lora"),
-    ),
-    # The later stage: adapters stay in the graph, frozen; only the connector trains.
-    "freeze_lora_stage": (
-        {"lora_enable": True, "freeze_lora": True},
-        _CONNECTOR,
-        ("frozen", "full", "frozen"),
-    ),
-    # MiniCPM-V: resampler + LoRA (PEFT must not freeze the resampler), optionally the ViT too.
-    "resampler_lora": (
-        {**_RESAMPLER, "lora_enable": True},
-        _any(_CONNECTOR, _lora_in("llm")),
-        ("frozen", "full", "lora"),
-    ),
-    "resampler_lora_full_vit": (
-        {**_RESAMPLER, "lora_enable": True, "freeze_vit": False},
-        _any(_CONNECTOR, _whole("vision"), _lora_in("llm")),
-        ("full", "full", "lora"),
-    ),
-    # openpi: frozen LLM, LoRA on one part of it chosen by regex (here: layer 1 only).
+# name -> (which parameter names train, the table's mode per component); each recipe's flags are
+# fixtures/recipes.py's, the one table the benchmarks read too.
+EXPECTED = {
+    "connector_only": (_CONNECTOR, ("frozen", "full", "frozen")),
+    "full_llm": (_any(_CONNECTOR, _whole("llm")), ("frozen", "full", "full")),
+    "full_vit": (_any(_CONNECTOR, _whole("vision")), ("full", "full", "frozen")),
+    "full_vit_llm": (lambda n: True, ("full", "full", "full")),
+    "lora_llm": (_any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "lora")),
+    "lora_vit": (_any(_CONNECTOR, _lora_in("vision")), ("lora", "full", "frozen")),
+    "lora_vit_only": (_lora_in("vision"), ("lora", "frozen", "frozen")),
+    "lora_both": (_any(_CONNECTOR, _lora_in("vision"), _lora_in("llm")), ("lora", "full", "lora")),
+    "lora_freeze_qformer": (_lora_in("llm"), ("frozen", "frozen", "lora")),
+    "freeze_lora_stage": (_CONNECTOR, ("frozen", "full", "frozen")),
+    "resampler_lora": (_any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "lora")),
+    "resampler_lora_full_vit": (_any(_CONNECTOR, _whole("vision"), _lora_in("llm")), ("full", "full", "lora")),
     "regex_lora_layer1": (
-        {"lora_enable": True, "frozen_regex": [r"\.layers\.0\..*lora_"]},
         _any(_CONNECTOR, lambda n: _lora_in("llm")(n) and ".layers.1." in n),
         ("frozen", "full", "lora"),
     ),
-    "regex_one_norm": (
-        {"freeze_qformer": True, "trainable_regex": [r"^llm\.model\.layers\.1\.input_layernorm\."]},
-        lambda n: n == "llm.model.layers.1.input_layernorm.weight",
-        ("frozen", "frozen", "partial"),
-    ),
-    "qlora_nf4": ({"bits": 4, "lora_enable": True}, _any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "qlora")),
-    "qlora_fp4_single_quant": (
-        {"bits": 4, "quant_type": "fp4", "double_quant": False, "lora_enable": True},
-        _any(_CONNECTOR, _lora_in("llm")),
-        ("frozen", "full", "qlora"),
-    ),
-    "qlora_both_nf4": (
-        {"bits": 4, "lora_enable": True, "lora_target": "both"},
-        _any(_CONNECTOR, _lora_in("vision"), _lora_in("llm")),
-        ("qlora", "full", "qlora"),
-    ),
-    "lora_8bit": ({"bits": 8, "lora_enable": True}, _any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "qlora")),
-    "connector_only_4bit": ({"bits": 4}, _CONNECTOR, ("frozen", "full", "frozen")),
+    "regex_one_norm": (lambda n: n == "llm.model.layers.1.input_layernorm.weight", ("frozen", "frozen", "partial")),
+    "qlora_nf4": (_any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "qlora")),
+    "qlora_fp4_single_quant": (_any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "qlora")),
+    "qlora_both_nf4": (_any(_CONNECTOR, _lora_in("vision"), _lora_in("llm")), ("qlora", "full", "qlora")),
+    "lora_8bit": (_any(_CONNECTOR, _lora_in("llm")), ("frozen", "full", "qlora")),
+    "connector_only_4bit": (_CONNECTOR, ("frozen", "full", "frozen")),
 }
+# name -> (ModelArguments overrides, which parameter names train, the table's mode per component)
+RECIPES = {name: (FREEZE_RECIPES[name], *expected) for name, expected in EXPECTED.items()}
+
+
+def test_every_recipe_of_the_table_is_audited():
+    assert list(EXPECTED) == list(FREEZE_RECIPES)
 
 
 def fixed_batch(model, batch_size=2, text_tokens=8, seed=0) -> dict:

@@ -19,11 +19,11 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import model.loss
+from fixtures.tensor_peak import TensorPeak
 from model.freeze import apply_freeze_policy
 from model.loss import linear_cross_entropy
 from model.vlm import IMAGE_TOKEN_INDEX
 from run.checkpoint import load_base
-from scripts.bench_measure import StepMemory
 
 VOCAB, DIM, ROWS = 50, 16, 30
 
@@ -215,7 +215,7 @@ def test_a_tied_head_gets_the_gradients_of_both_its_uses(tiny_base, tmp_path):
 def test_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     """The point of the fusion: forward and backward allocate one chunk's [C, V] logits at a time,
     where the head-then-loss path holds several [N, V] tensors. Counted by the profiler's
-    allocation trace (scripts/bench_measure.py's StepMemory), not sampled."""
+    allocation trace (fixtures/tensor_peak.py), not sampled."""
 
     rows, vocab, chunk_rows = 64, 50_000, 16
     monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", chunk_rows * vocab)
@@ -226,10 +226,7 @@ def test_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     chunk_bytes = chunk_rows * vocab * 4
 
     def peak(loss_fn) -> int:
-        memory = StepMemory(torch.device("cpu"))
-        memory.start()
-        loss_fn().backward()
-        return memory.stop()
+        return TensorPeak(torch.device("cpu")).of(lambda: loss_fn().backward())
 
     fused = peak(lambda: linear_cross_entropy(hidden, head, labels))
     unfused = peak(lambda: reference(hidden, head, labels, None))

@@ -1,10 +1,10 @@
 """The `--dry_run` memory plan: `train.py --dry_run` prints it and trains nothing; its parts are
 exact where they can be (weights, gradients, AdamW states), its activations match what autograd
-really keeps, and the whole plan matches the measured peak RSS of real training steps."""
+really keeps. The whole plan against the measured peak RSS of real training steps is a benchmark's
+test (tests/bench/test_bench_memory.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,12 +18,12 @@ from test_freeze import RECIPES, fixed_batch
 
 from cli import parse_config
 from data.processor_prompt import encode_batch
+from fixtures.recipes import FREEZE_RECIPES
 from model.freeze import apply_freeze_policy
 from model.memory_plan import format_plan, plan_memory, weight_bytes
 from model.released import load_released_processor
 from model.settings import ModelArguments
 from run.checkpoint import load_base
-from scripts.bench_memory import CHILD_ENV, child_command
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,33 +180,6 @@ def test_checkpointing_and_freezing_lower_the_plan(tiny_base):
     assert long.activations_no_ckpt > short.activations_no_ckpt
 
 
-# --- the whole plan against a measured peak ------------------------------------------------------
-
-
-def test_plan_matches_measured_peak_rss(tiny_base):
-    """Real VLMTrainer steps for three recipes, each in its own subprocess
-    (scripts/bench_memory.py's child; run side by side): peak RSS minus the RSS after imports,
-    build and a one-sample warm-up, against gradients + AdamW states + activations of the plan.
-    Batch 8 x 320 tokens: 50-60 MiB planned, well above the ~1 MiB of noise in RSS."""
-    runs = ["connector_only", "lora_llm:ckpt", "qlora_nf4:ckpt"]
-    env = {**os.environ, **CHILD_ENV, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    base_dir = os.path.dirname(tiny_base["llm"])
-    children = [
-        subprocess.Popen(
-            child_command(base_dir, run, batch_size=8, seq_len=320, steps=2),
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for run in runs
-    ]
-    for run, process in zip(runs, children, strict=True):
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-        figures = json.loads(stdout.strip().splitlines()[-1])
-        assert (figures["recipe"], figures["checkpointing"]) == (run.split(":")[0], run.endswith(":ckpt"))
-        assert figures["planned"] > 30 * 2**20
-        assert figures["planned"] == pytest.approx(figures["measured"], rel=0.15), figures
-
-
 def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
     """configs/shapes/ holds only the config.json of CLIP ViT-L/14-336 and Vicuna-7B: no weights.
     The plan builds on the meta device, so it runs anywhere without downloading 14 GB."""
@@ -226,11 +199,12 @@ def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
 
 # --- a released VLM: the same plan, read through model/anatomy.py --------------------------------
 
-RELEASED_RECIPES = {
-    "lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-    "full": dict(freeze_llm=False),
-    "vision_lora": dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target="vit"),
-    "full_tower": dict(freeze_vit=False),
+_LORA_SIZES = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
+RELEASED_RECIPES = {  # fixtures/recipes.py's, by test_released.py's names
+    "lora": {**FREEZE_RECIPES["lora_llm"], **_LORA_SIZES},
+    "full": FREEZE_RECIPES["full_llm"],
+    "vision_lora": {**FREEZE_RECIPES["lora_vit"], **_LORA_SIZES},
+    "full_tower": FREEZE_RECIPES["full_vit"],
 }
 
 

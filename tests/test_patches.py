@@ -49,28 +49,6 @@ def test_bitsandbytes_4bit_layer_has_the_repacking_switch():
     assert layer.support_avx512bf16_for_cpu is False
 
 
-def test_trl_chunk_size_constant_exists():
-    # Local: trl is a dev-only dependency (requirements-dev.txt, for bench.py --peer) that patches.py
-    # also imports lazily; the file's other pins do not need it.
-    import trl.trainer.utils
-
-    size = trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
-    assert isinstance(size, int) and size > 64
-    try:
-        patches.cap_trl_chunk_size(64)
-        assert trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE == 64
-    finally:  # a module constant: every later test in this process reads it
-        trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = size
-
-
-def test_the_loss_benchmarks_readings_of_torch_and_trl():
-    assert patches.trl_chunk_size() > 64 and isinstance(patches.trl_uses_triton(torch.device("cpu")), bool)
-    # torch's default chunk shrinks as the vocabulary grows (8 rows at 151,936 words, measured).
-    small = patches.torch_default_chunk_rows(1024, 896, 4096, torch.float32, torch.device("cpu"))
-    large = patches.torch_default_chunk_rows(1024, 896, 151936, torch.float32, torch.device("cpu"))
-    assert 1 <= large < small <= 1024
-
-
 def test_dataset_fingerprint_follows_its_rows():
     one = datasets.Dataset.from_dict({"a": [1, 2]})
     other = one.map(lambda row: {"a": row["a"] + 1})

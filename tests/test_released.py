@@ -32,6 +32,7 @@ from cli import is_user_error
 from config import ModelArguments
 from data.media import load_image
 from data.processor_prompt import encode_batch
+from fixtures.recipes import FREEZE_RECIPES
 from fixtures.tiny_vlms import FAMILIES
 from model.components import COMPONENTS
 from model.freeze import apply_freeze_policy, format_table, is_lora, is_quantized, logical_numel
@@ -41,13 +42,14 @@ from run.fingerprint import base_name
 from run.predict import generate_answers
 
 LORA = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-# recipe -> (ModelArguments overrides, the mode the freeze table must print per component)
+# recipe -> (ModelArguments overrides: fixtures/recipes.py's flags, LoRA's small sizes; the mode the
+# freeze table must print per component)
 RECIPES = {
-    "lora": (LORA, {"vision": "frozen", "connector": "full", "llm": "lora"}),
-    "full": (dict(freeze_llm=False), {"vision": "frozen", "connector": "full", "llm": "full"}),
-    "connector_only": ({}, {"vision": "frozen", "connector": "full", "llm": "frozen"}),
-    "vision_lora": (dict(LORA, lora_target="vit"), {"vision": "lora", "connector": "full", "llm": "frozen"}),
-    "full_tower": (dict(freeze_vit=False), {"vision": "full", "connector": "full", "llm": "frozen"}),
+    "lora": ({**FREEZE_RECIPES["lora_llm"], **LORA}, {"vision": "frozen", "connector": "full", "llm": "lora"}),
+    "full": (FREEZE_RECIPES["full_llm"], {"vision": "frozen", "connector": "full", "llm": "full"}),
+    "connector_only": (FREEZE_RECIPES["connector_only"], {"vision": "frozen", "connector": "full", "llm": "frozen"}),
+    "vision_lora": ({**FREEZE_RECIPES["lora_vit"], **LORA}, {"vision": "lora", "connector": "full", "llm": "frozen"}),
+    "full_tower": (FREEZE_RECIPES["full_vit"], {"vision": "full", "connector": "full", "llm": "frozen"}),
 }
 # What one supervised assistant turn decodes to: its answer and the template's end of turn, nothing
 # of the prompt (the tiny chat templates of fixtures/tiny_vlms.py).

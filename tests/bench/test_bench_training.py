@@ -1,4 +1,4 @@
-"""scripts/bench.py on the tiny shape: one row per side with every field present and sane, and the
+"""bench/training.py on the tiny shape: one row per side with every field present and sane, and the
 ours/peer line. Speed is measured by hand (docs/benchmarks.md), never asserted here."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 
 import pytest
 
-from scripts import bench, bench_shapes
+from bench import native_shapes, training
+from bench import shapes as bench_shapes
+from bench.arguments import BENCH_RECIPES
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--shape", "tiny", "--recipe", "lora", "--warmup_steps", "1", "--steps", "2", "--repeats", "1"]
 
 
@@ -31,7 +33,7 @@ def workdir(tmp_path_factory) -> str:
 
 def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", *args, "--workdir", workdir, *extra],
+        [sys.executable, "-m", "bench.training", *args, "--workdir", workdir, *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -40,8 +42,8 @@ def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
 
 def rows(lines: list[str]) -> dict[str, dict[str, str]]:
     """side -> {column: value} of the table under the header."""
-    names = bench.HEADER.split()
-    start = lines.index(bench.HEADER) + 1
+    names = training.HEADER.split()
+    start = lines.index(training.HEADER) + 1
     table = {}
     for line in lines[start:]:
         words = line.split()
@@ -70,6 +72,7 @@ def check_row(row: dict[str, str], seq_len: int = 48) -> None:
     assert numbers["rss_MiB"] > numbers["peak_MiB"]  # the process holds its tensors, and libtorch
 
 
+@pytest.mark.slow
 def test_bench_prints_our_row(workdir):
     lines = run_bench(workdir)
     assert lines[0].startswith("bench: shape tiny, batch 2 x 48 tokens")
@@ -79,6 +82,7 @@ def test_bench_prints_our_row(workdir):
     assert not any("ours/peer" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_bench_peer_prints_both_rows_and_the_ratios(workdir):
     lines = run_bench(workdir, "--peer")
     table = rows(lines)
@@ -111,18 +115,19 @@ def test_every_shape_is_a_valid_vision_and_llm_config(path):
     assert shape["seq_len"] > bench_shapes.image_tokens_per_image(shape) + 2 and shape["batch_size"] >= 1
 
 
+@pytest.mark.slow
 def test_plan_only_plans_every_recipe_without_weights(tmp_path):
     """--plan_only builds each recipe on the meta device from the shape's configs: a GPU shape
     is planned on any machine, with nothing trained or downloaded."""
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bench.training", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("plan: shape tiny, batch 2 x 48 tokens") and "62 labelled positions" in lines[0]
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(table) == list(bench.RECIPES)
+    assert list(table) == list(BENCH_RECIPES)
     for recipe, (weights, grads, adamw, act_off, act_on, total_off, total_on) in table.items():
         assert weights > 0 and act_on <= act_off, recipe
         assert total_off == pytest.approx(weights + grads + adamw + act_off, abs=0.2), recipe
@@ -142,7 +147,7 @@ def native_workdir(tmp_path_factory) -> str:
     """The tiny native shape built here: one folder, model and processor, as a released VLM's."""
     path = str(tmp_path_factory.mktemp("bench_native"))
     name, shape = bench_shapes.load_shape(NATIVE)
-    bench_shapes.build_native(bench_shapes.base_dir(name, shape, "float32", path), shape, "float32")
+    native_shapes.build_native(bench_shapes.base_dir(name, shape, "float32", path), shape, "float32")
     return path
 
 
@@ -151,7 +156,7 @@ def test_native_samples_label_the_answer_only(native_workdir):
     `seq_len` tokens, each image expanded to its tokens (never labelled), labels from the answer on."""
     name, shape = bench_shapes.load_shape(NATIVE)
     base = bench_shapes.base_dir(name, shape, "float32", native_workdir)
-    batch = bench_shapes.native_samples(base, shape, n=2, seq_len=64, images=2, vocab=shape["llm"]["vocab_size"])
+    batch = native_shapes.native_samples(base, shape, n=2, seq_len=64, images=2, vocab=shape["llm"]["vocab_size"])
     ids, labels = batch["input_ids"], batch["labels"]
     assert ids.shape == labels.shape == (2, 64) and bool(batch["attention_mask"].all())
     image_token = json.load(open(os.path.join(base, "config.json")))["image_token_id"]
@@ -165,13 +170,14 @@ def test_native_samples_label_the_answer_only(native_workdir):
         assert int((ids[row, :start] == image_token).sum()) == 8  # both images before the answer
 
 
+@pytest.mark.slow
 def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     lines = run_bench(native_workdir, "--peer", args=NATIVE_ARGS)
     assert lines[0].startswith(f"bench: shape {NATIVE}, batch 2 x 64 tokens") and "the same qwen2_5_vl model" in lines[0]
     table = rows(lines)
     assert list(table) == ["ours", "peer"]
     for row in table.values():
-        check_row(row, seq_len=64)  # the plan's columns too: model/memory_plan.py plans a released VLM
+        check_row(row, seq_len=64)  # the plan's columns too: the --dry_run plan covers a released VLM
     # One model, one set of weights and batches: the same loss before training and, trained by
     # the same optimizer on the same parameters, the same mean training loss.
     assert float(table["ours"]["loss0"]) == pytest.approx(float(table["peer"]["loss0"]), abs=1e-3)
@@ -181,11 +187,12 @@ def test_native_shape_trains_the_same_model_on_both_sides(native_workdir):
     assert match and all(float(v) > 0 for v in match.groups()), ratio
 
 
+@pytest.mark.slow
 def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     """A native shape's plan: the released model built on the meta device from one config.json,
     its image at the shape's size (the pixel budget), planned as train.py --dry_run plans it."""
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", "--shape", NATIVE, "--plan_only", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bench.training", "--shape", NATIVE, "--plan_only", "--workdir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,6 +200,6 @@ def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     _, shape = bench_shapes.load_shape(NATIVE)
     assert f"image(s) of {bench_shapes.image_tokens_per_image(shape)} tokens/sample" in lines[0]
     table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(table) == list(bench.RECIPES)
+    assert list(table) == list(BENCH_RECIPES)
     assert table["full"][1] > table["lora"][1] >= table["pretrain"][1] > 0  # gradients of what trains only
     assert not glob.glob(os.path.join(tmp_path, "**", "*.safetensors"), recursive=True)

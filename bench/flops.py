@@ -1,5 +1,5 @@
 """Model FLOPs of a training step, counted analytically from the model as built and frozen:
-what the recipe needs, whatever an implementation spends beyond it. Used by scripts/bench.py for
+what the recipe needs, whatever an implementation spends beyond it. Used by bench/training.py for
 achieved FLOP/s and MFU.
 
 Per weight of N values on T tokens: forward 2NT; backward 2NT for the input gradient when
@@ -11,13 +11,12 @@ gradient passes. The LM head counts only the positions that have a label.
 from __future__ import annotations
 
 import math
-import re
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")  # a Qwen2.5-VL tower's layers
+from constants import IGNORE_INDEX
+from model.components import layer_index
 
 
-def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=(), layer=_LAYER) -> tuple[float, bool, dict[int, bool]]:
+def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=()) -> tuple[float, bool, dict[int, bool]]:
     """FLOPs of every Linear / Conv2d of `stage` applied to `tokens` positions, fwd + bwd.
 
     The rule, per weight of N values on T tokens: the forward is 2NT. The backward has two
@@ -39,8 +38,8 @@ def _matmul_flops(stage, tokens: int, upstream_trains: bool, skip=(), layer=_LAY
     for name, module in stage.named_modules():
         if module in skip or not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             continue
-        match = layer.search(name + ".")
-        order = int(match.group(1)) if match else (-1 if "embed" in name else math.inf)
+        index = layer_index(name)  # a numbered block: `layers.N` (towers, decoders), `blocks.N` (Qwen2.5-VL's tower)
+        order = index if index is not None else (-1 if "embed" in name else math.inf)
         numel = module.weight.numel()  # a conv's weight, per output position, is a linear map too
         groups.setdefault(order, []).append((numel, module.weight.requires_grad))
     flops, grad_through = 0.0, {}
@@ -96,7 +95,7 @@ def qwen2_5_vl_step_flops(model, batch: dict) -> dict[str, float]:
     visual, llm = model.model.visual, model.model.language_model
     config, grid = visual.config, batch["image_grid_thw"]
     patches = int(grid.prod(-1).sum())
-    v_flops, upstream, v_through = _matmul_flops(visual, patches, False, skip=set(visual.merger.modules()), layer=_BLOCK)
+    v_flops, upstream, v_through = _matmul_flops(visual, patches, False, skip=set(visual.merger.modules()))
     _, cu_windows = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
     windows = [int(n) for n in cu_windows.diff()]
     frames = [int(h * w) for t, h, w in grid.tolist() for _ in range(int(t))]
@@ -111,7 +110,7 @@ def qwen2_5_vl_step_flops(model, batch: dict) -> dict[str, float]:
     head = model.get_output_embeddings()
     l_flops, upstream, l_through = _matmul_flops(llm, batch_size * seq_len, upstream, skip=(head,))
     l_attn = _attention_flops(llm.config, l_through, batch_size, seq_len, causal=True)
-    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     head_flops = (6 if head.weight.requires_grad else 4 if upstream else 2) * head.weight.numel() * supervised
     parts = {"vision": v_flops + v_attn, "connector": c_flops, "llm": l_flops + l_attn + head_flops}
     parts["total"] = sum(parts.values())

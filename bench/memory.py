@@ -1,9 +1,9 @@
 """The `--dry_run` memory plan against a measured peak, for a few recipes on the tiny base.
 
-    python -m scripts.bench_memory                       # the default recipes, CPU RSS
-    python -m scripts.bench_memory --batch_size 32 --seq_len 512
+    python -m bench.memory                       # the default recipes, CPU RSS
+    python -m bench.memory --batch_size 32 --seq_len 512
 
-(from the repository's root, as every script in scripts/ runs).
+(from the repository's root, as every benchmark runs). The recipes are fixtures/recipes.py's.
 
 Each run in its own subprocess: build + freeze; one warm-up forward/backward of a
 single short sample (the first forward loads kernels and thread workspaces, ~20 MiB whatever
@@ -29,43 +29,15 @@ import subprocess
 import sys
 import tempfile
 
+if __package__ in (None, ""):  # run by its path: bench/ is then sys.path[0], and `bench` no package
+    sys.exit("Run the benchmarks as modules, from the repository's root: python -m bench.memory --help")
+
+from bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from constants import IGNORE_INDEX  # noqa: E402
+from fixtures.recipes import FREEZE_RECIPES  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# name -> ModelArguments overrides
-RECIPES = {
-    "connector_only": {},
-    "full_llm": {"freeze_llm": False},
-    "lora_llm": {"lora_enable": True},
-    "qlora_nf4": {"bits": 4, "lora_enable": True},
-    "lora_both": {"lora_enable": True, "lora_target": "both"},
-}
 DEFAULT_RECIPES = ["connector_only", "full_llm", "lora_llm", "qlora_nf4"]
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _rss_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    """This process's own peak RSS. Not `getrusage(...).ru_maxrss`: Linux carries that across
-    fork + exec, so a child of a large process (pytest with models loaded) reports the
-    parent's size as its peak; `RUSAGE_CHILDREN` is also the largest of all children. VmHWM
-    belongs to the exec-ed image alone."""
-    return _status_bytes("VmHWM")
-
-
-def _reset_peak() -> None:
-    """Linux >= 4.0: make VmHWM start again from the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: int, ckpt: bool) -> dict:
@@ -79,7 +51,7 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
     from run.trainer import VLMTrainer
 
     args = ModelArguments(
-        vision_model=os.path.join(base_dir, "vision"), llm_model=os.path.join(base_dir, "llm"), **RECIPES[recipe]
+        vision_model=os.path.join(base_dir, "vision"), llm_model=os.path.join(base_dir, "llm"), **FREEZE_RECIPES[recipe]
     )
     torch.manual_seed(0)
     model = load_base(args)
@@ -103,10 +75,10 @@ def run_one(base_dir: str, recipe: str, batch_size: int, seq_len: int, steps: in
     )
     trainer = VLMTrainer(model=model, args=train_args, train_dataset=dataset, data_collator=pad_collate)
     warm_up(model, dataset)
-    baseline = _rss_bytes()
-    _reset_peak()
+    baseline = rss_bytes()
+    reset_peak_rss()
     trainer.train()
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return {
         "recipe": recipe,
         "checkpointing": ckpt,
@@ -143,7 +115,7 @@ class FixedLength:
         ids = torch.randint(3, self.vocab, (length,), generator=g)
         ids[1 : 1 + self.n_image] = IMAGE_TOKEN_INDEX
         labels = ids.clone()
-        labels[: 1 + self.n_image] = -100
+        labels[: 1 + self.n_image] = IGNORE_INDEX
         size = self.image_size
         return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, size, size, generator=g)}
 
@@ -154,7 +126,7 @@ def pad_collate(examples):
 
     longest = max(len(e["input_ids"]) for e in examples)
     ids = torch.zeros(len(examples), longest, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     mask = torch.zeros_like(ids)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
@@ -179,7 +151,7 @@ def child_command(base_dir: str, run: str, batch_size: int, seq_len: int, steps:
     never share one, since a later run would reuse heap the earlier one freed and read low.
     Run it with cwd at the repository's root."""
     return [
-        sys.executable, "-m", "scripts.bench_memory", "--child", run, "--base", base_dir,
+        sys.executable, "-m", "bench.memory", "--child", run, "--base", base_dir,
         "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
     ]
 
@@ -212,7 +184,7 @@ def ensure_base(base_dir: str | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(FREEZE_RECIPES))
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=320, help="tokens per sample, image tokens included")
     parser.add_argument("--steps", type=int, default=3)

@@ -1,15 +1,14 @@
-"""What scripts/bench.py measures inside a side's process: the device's peak FLOP/s, the first
-loss, each step's wall and CPU time, peak RSS, and the tensor bytes one training step adds.
+"""What the benchmarks measure inside a process: the device's peak FLOP/s, the first loss, each
+step's wall and CPU time, the resident set and its peak (one way, for every benchmark), and the
+tensor bytes one training step adds (fixtures/tensor_peak.py's count).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
 import statistics
-import tempfile
 import time
+
+from fixtures.tensor_peak import TensorPeak
 
 MEMORY_STEPS = 1  # after the timed ones (the optimizer's states exist by then); its time is not counted
 
@@ -38,44 +37,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-class StepMemory:
-    """The peak of tensor bytes that one training step allocates on top of what was live before
-    it (the model, the optimizer's states): on a GPU from the CUDA allocator; on a CPU from the
-    profiler's count of allocated tensor bytes (its "Total Allocated", the same definition).
+# --- the resident set: one reading for every benchmark -----------------------------------------------
 
-    Not RSS (VmHWM, `ru_maxrss`): the first forward pages in ~50 MiB of libtorch code that is no
-    tensor, and glibc keeps freed blocks resident, by up to +30% of a step here. Pinning glibc's
-    mmap threshold to make RSS track live tensors, as scripts/bench_memory.py does, made steps
-    2x slower here; timing must see the allocator users run."""
 
-    def __init__(self, device):
-        self.device = device
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
-    def start(self) -> None:
-        import torch
 
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self.profiler.start()
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    return _status_bytes("VmRSS")
 
-    def stop(self) -> int:
-        import torch
 
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        self.profiler.stop()
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "trace.json")
-            self.profiler.export_chrome_trace(path)
-            with open(path) as f:
-                events = json.load(f)["traceEvents"]
-        # Counted from the start of profiling: blocks allocated before it are not in it.
-        return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set (VmHWM). Not `getrusage(...).ru_maxrss`: Linux carries
+    that across fork + exec, so a child of a large process (pytest with models loaded, a benchmark's
+    parent) reports the parent's size as its peak; `RUSAGE_CHILDREN` is the largest of all
+    children. VmHWM belongs to the exec-ed image alone."""
+    return _status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Linux >= 4.0: make VmHWM start again from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def first_loss(model, collate, batch_size: int, device) -> float:
@@ -100,12 +89,12 @@ def first_loss(model, collate, batch_size: int, device) -> float:
 def step_clock(device, timed_end: int):
     """A TrainerCallback that stamps the end of every step (wall and process CPU time), reads the
     peak RSS at the end of the timed steps, and counts the memory step, the one after them
-    (`StepMemory`): `.wall`, `.cpu`, `.rss_bytes`, `.step_bytes`."""
+    (`TensorPeak`): `.wall`, `.cpu`, `.rss_bytes`, `.step_bytes`."""
     import gc
 
     from transformers import TrainerCallback
 
-    memory = StepMemory(device)
+    memory = TensorPeak(device)
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -124,7 +113,7 @@ def step_clock(device, timed_end: int):
                 # Before the memory step: its profiler records every allocation, and on the
                 # SigLIP-so400m + Qwen2.5-0.5B shape it raised our heap's high water by 645 MiB
                 # (the peer's by 200): the profiler's, not training's, host memory.
-                self.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                self.rss_bytes = peak_rss_bytes()
             if state.global_step == timed_end + MEMORY_STEPS:
                 self.step_bytes = memory.stop()
 

@@ -1,4 +1,4 @@
-"""The two sides of scripts/bench.py, each built in its own process: ours through the project's
+"""The two sides of bench/training.py, each built in its own process: ours through the project's
 path (a composed base by build_model, a released VLM by --vlm_model; then apply_freeze_policy, as
 train.py does), the peer as a user of transformers + TRL would build it (Llava, or the same
 released model), frozen alike and with LoRA on the same layers. Each side's synthetic or
@@ -9,33 +9,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from scripts.bench_shapes import (
+from bench.arguments import BenchArguments, recipe_flags
+from bench.native_shapes import NativeCollate, native_component, native_samples
+from bench.shapes import (
     Collate,
-    NativeCollate,
     base_dir,
     image_tokens_per_image,
     is_native,
     load_shape,
-    native_component,
-    native_samples,
     peer_image_token,
     supervised_positions,
     synthetic_samples,
 )
-
-if TYPE_CHECKING:
-    from scripts.bench import BenchArguments
-
-# recipe -> ModelArguments flags, as the shipped configs set them.
-RECIPES = {
-    "full": {"freeze_vit": False, "freeze_qformer": False, "freeze_llm": False},  # configs/demo.yaml
-    "frozen_vit": {"freeze_vit": True, "freeze_qformer": False, "freeze_llm": False},  # llava15_finetune
-    "lora": {"freeze_vit": True, "freeze_qformer": False, "freeze_llm": True, "lora_enable": True,
-             "lora_target": "llm"},  # llava15_lora
-    "pretrain": {"freeze_vit": True, "freeze_qformer": False, "freeze_llm": True},  # llava15_pretrain
-}
+from constants import IGNORE_INDEX
 
 
 def model_args_of(args: BenchArguments, base: str, recipe: str, shape: dict):
@@ -48,7 +35,7 @@ def model_args_of(args: BenchArguments, base: str, recipe: str, shape: dict):
         pixels = shape["image_size"] ** 2
         return ModelArguments(vlm_model=base, dtype=args.dtype, fused_loss=args.fused_loss, lora_r=args.lora_r,
                               lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, min_pixels=pixels,
-                              max_pixels=pixels, **RECIPES[recipe])
+                              max_pixels=pixels, **recipe_flags(recipe))
     return ModelArguments(
         vision_model=os.path.join(base, "vision"),
         llm_model=os.path.join(base, "llm"),
@@ -59,7 +46,7 @@ def model_args_of(args: BenchArguments, base: str, recipe: str, shape: dict):
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        **RECIPES[recipe],
+        **recipe_flags(recipe),
     )
 
 
@@ -78,33 +65,47 @@ def build_ours(args: BenchArguments, base: str, recipe: str, shape: dict):
 
 
 def build_peer(args: BenchArguments, base: str, recipe: str, shape: dict):
-    """LlavaForConditionalGeneration.from_pretrained, frozen as the recipe says with requires_grad,
-    LoRA by peft on the same LLM linear layers (r, alpha, dropout) with the projector trainable.
-    Trainable weights in fp32, frozen ones in the base dtype: what our freeze policy does."""
+    """LlavaForConditionalGeneration.from_pretrained, frozen and adapted as ours is
+    (`freeze_like_ours`)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(base, "llava"), dtype=getattr(torch, args.dtype))
+    return freeze_like_ours(model, model_args_of(args, base, recipe, shape), llava_component)
+
+
+def freeze_like_ours(model, flags, component_of):
+    """The peer frozen as the recipe says with requires_grad (`component_of`: a parameter's
+    component), LoRA by peft on every linear layer of the LLM (our `lora_r`, `lora_alpha`,
+    `lora_dropout` in `flags`, our ModelArguments) with the connector as the recipe says; trainable
+    weights in fp32, frozen ones in the base dtype: what our freeze policy does."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlavaForConditionalGeneration
 
     from model.build import linear_module_names
 
-    flags = RECIPES[recipe]
-    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(base, "llava"), dtype=getattr(torch, args.dtype))
-    trains = {"vision_tower": not flags["freeze_vit"], "multi_modal_projector": not flags["freeze_qformer"],
-              "language_model": not flags["freeze_llm"], "lm_head": not flags["freeze_llm"]}
+    trains = {"vision": not flags.freeze_vit, "connector": not flags.freeze_qformer, "llm": not flags.freeze_llm}
     for name, param in model.named_parameters():
-        part = next(p for p in trains if f"{p}." in name)
-        param.requires_grad_(trains[part])
-    if flags.get("lora_enable"):
+        param.requires_grad_(trains[component_of(name)])
+    if flags.lora_enable:
         names = "|".join(linear_module_names(model.model.language_model))
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        config = LoraConfig(r=flags.lora_r, lora_alpha=flags.lora_alpha, lora_dropout=flags.lora_dropout,
                             target_modules=rf".*language_model\..*\.({names})")
         model = get_peft_model(model, config)
-        for param in model.base_model.model.model.multi_modal_projector.parameters():
-            param.requires_grad_(True)  # peft froze it; the recipe trains it
+        for name, param in model.named_parameters():
+            if component_of(name) == "connector":
+                param.requires_grad_(trains["connector"])  # peft froze it; the recipe says
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
+
+
+def llava_component(name: str) -> str:
+    """A Llava parameter's component, by transformers' names (the head is the LLM's)."""
+    if "vision_tower." in name:
+        return "vision"
+    return "connector" if "multi_modal_projector." in name else "llm"
 
 
 def _count(model, component_of) -> dict[str, tuple[int, int]]:
@@ -119,12 +120,10 @@ def _count(model, component_of) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _peer_component(name: str) -> str | None:
-    if "vision_tower." in name:
-        return None  # it holds layers past the feature layer (and a pooling head) that ours cuts off
-    if "multi_modal_projector." in name:
-        return "connector"
-    return "llm"
+def _peer_counted(name: str) -> str | None:
+    # The peer's tower holds layers past the feature layer (and a pooling head) that ours cuts off.
+    part = llava_component(name)
+    return None if part == "vision" else part
 
 
 def build_native_ours(args: BenchArguments, base: str, recipe: str, shape: dict):
@@ -139,33 +138,14 @@ def build_native_ours(args: BenchArguments, base: str, recipe: str, shape: dict)
     return model
 
 
-def build_native_peer(args: BenchArguments, base: str, recipe: str):
-    """AutoModelForImageTextToText.from_pretrained of the same folder, frozen as the recipe says
-    with requires_grad, LoRA by peft on every linear layer of the LLM (r, alpha, dropout) with the
-    merger trainable. Trainable weights in fp32, frozen ones in the base dtype."""
+def build_native_peer(args: BenchArguments, base: str, recipe: str, shape: dict):
+    """AutoModelForImageTextToText.from_pretrained of the same folder, frozen and adapted as ours
+    is (`freeze_like_ours`; the merger is the connector)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from model.build import linear_module_names
-
-    flags = RECIPES[recipe]
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, args.dtype))
-    trains = {"vision": not flags["freeze_vit"], "connector": not flags["freeze_qformer"], "llm": not flags["freeze_llm"]}
-    for name, param in model.named_parameters():
-        param.requires_grad_(trains[native_component(name)])
-    if flags.get("lora_enable"):
-        names = "|".join(linear_module_names(model.model.language_model))
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=rf".*language_model\..*\.({names})")
-        model = get_peft_model(model, config)
-        for name, param in model.named_parameters():
-            if native_component(name) == "connector":
-                param.requires_grad_(trains["connector"])  # peft froze it; the recipe trains it
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    return model
+    return freeze_like_ours(model, model_args_of(args, base, recipe, shape), native_component)
 
 
 @dataclass
@@ -194,11 +174,11 @@ def _native_side(args: BenchArguments, side: str, recipe: str, device, base: str
     """Both sides: the same released model from the same folder, the same processor-made batches."""
     import torch
 
+    from bench.flops import qwen2_5_vl_step_flops
     from model.memory_plan import plan_memory
-    from tools.flops import qwen2_5_vl_step_flops
 
     torch.manual_seed(0)
-    model = build_native_ours(args, base, recipe, shape) if side == "ours" else build_native_peer(args, base, recipe)
+    model = build_native_ours(args, base, recipe, shape) if side == "ours" else build_native_peer(args, base, recipe, shape)
     model.to(device)
     vocab = shape["llm"]["vocab_size"]
     batch = native_samples(base, shape, args.batch_size, args.seq_len, args.images, vocab)
@@ -206,7 +186,7 @@ def _native_side(args: BenchArguments, side: str, recipe: str, device, base: str
                  counts=_count(model, model.component if side == "ours" else native_component))
     if side == "ours":
         built.flops = qwen2_5_vl_step_flops(model.base, batch)
-        supervised = int((batch["labels"][:, 1:] != -100).sum())
+        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         built.plan = plan_memory(model, args.batch_size, args.seq_len, args.gradient_checkpointing,
                                  images_per_sample=args.images, supervised_tokens=supervised, padded=False)
     return built
@@ -216,8 +196,8 @@ def _composed_side(args: BenchArguments, side: str, recipe: str, device, base: s
     """Ours composed from vision/ and llm/, the peer Llava from llava/; synthetic batches."""
     import torch
 
+    from bench.flops import step_flops
     from model.memory_plan import plan_memory
-    from tools.flops import step_flops
 
     batch_size, seq_len = args.batch_size, args.seq_len
     torch.manual_seed(0)
@@ -233,7 +213,7 @@ def _composed_side(args: BenchArguments, side: str, recipe: str, device, base: s
     )
     supervised = supervised_positions(batch_size, seq_len, args.images, image_tokens)
     built = Side(model, Collate(input_ids, labels, pixel_values, args.images), vocab=vocab,
-                 counts=_count(model, lambda n: n.split(".", 1)[0]) if side == "ours" else _count(model, _peer_component))
+                 counts=_count(model, lambda n: n.split(".", 1)[0]) if side == "ours" else _count(model, _peer_counted))
     if side == "ours":
         built.flops = step_flops(ours, batch_size, seq_len, args.images, supervised)
         built.plan = plan_memory(model, batch_size, seq_len, args.gradient_checkpointing,
