@@ -46,7 +46,7 @@ def spy(monkeypatch, module) -> list:
     """The (messages, images) a module's generate_answers is asked, in place of the model."""
     calls = []
 
-    def fake(model, tokenizer, image_processor, prompts, *args, **kwargs):
+    def fake(model, inputs, prompts, *args, **kwargs):
         calls.append(prompts)
         return ["ok"] * len(prompts)
 
@@ -55,7 +55,7 @@ def spy(monkeypatch, module) -> list:
 
 
 def page_models() -> dict:
-    return {"finetuned": object(), "base": None, "tokenizer": None, "image_processor": None}
+    return {"finetuned": object(), "base": None, "inputs": None}
 
 
 def gallery_of(media: list, folder: str) -> list[tuple[str, None]]:
@@ -142,7 +142,7 @@ def through_the_rule(monkeypatch, module) -> list:
 def ask_infer(monkeypatch, media: str, question: str, images: list[str] = (), video: str | None = None):
     """infer.py --prompt's messages and images, no checkpoint loaded."""
     calls, rule = spy(monkeypatch, infer), through_the_rule(monkeypatch, infer)
-    monkeypatch.setattr(infer, "load_checkpoint", lambda *args, **kwargs: (None, None, None, None))
+    monkeypatch.setattr(infer, "load_checkpoint", lambda *args, **kwargs: (None, None, None))
     argv = ["--checkpoint", media, "--prompt", question]
     argv += ["--image", *images] if images else []
     argv += ["--video", video, "--num_frames", "3"] if video else []
