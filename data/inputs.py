@@ -14,6 +14,8 @@ base is. The objects take what they need of the model as plain values (`data/` n
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from data.dataset import Collator, SupervisedDataset, read_records
@@ -112,7 +114,12 @@ class ReleasedInputs(ModelInputs):
 
     def __init__(self, processor, image_token_index: int | None, prefix_lm: bool = False):
         self.processor, self.image_token_index, self.prefix_lm = processor, image_token_index, prefix_lm
-        self.image_tokens = ImageTokenCount(processor)  # one probe of the processor, for the check and the sampler
+
+    @cached_property
+    def image_tokens(self) -> ImageTokenCount:
+        """The processor's tokens per image size, shared by the check and the sampler: made on
+        first use (it runs one probe sample), so infer.py and the export never pay for it."""
+        return ImageTokenCount(self.processor)
 
     @property
     def text_tokenizer(self):
