@@ -177,6 +177,7 @@ def composed_run(tiny_base, demo_data, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_eval_accuracy_is_in_trainer_state_at_every_eval_step(composed_run):
     state = read_state(composed_run)
     evaluations = logged(state, "eval_accuracy")
@@ -186,6 +187,7 @@ def test_eval_accuracy_is_in_trainer_state_at_every_eval_step(composed_run):
     assert sorted(logged(state, "loss")) == [4]
 
 
+@pytest.mark.slow
 def test_eval_accuracy_reaches_tensorboard(composed_run):
     (events,) = glob.glob(os.path.join(composed_run, "runs", "*", "events.out.tfevents.*"))
     scalars = EventAccumulator(events).Reload().Scalars("eval/accuracy")  # transformers' name for eval_accuracy
@@ -195,6 +197,8 @@ def test_eval_accuracy_reaches_tensorboard(composed_run):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_answer_the_sample_together_and_log_one_accuracy(tiny_base, demo_data, tmp_path):
     """Each rank answers its share (5 records: 3 and 2), all gather: neither waits on the other
     generating, and the logged count is the whole sample's."""

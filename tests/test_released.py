@@ -375,6 +375,7 @@ def test_init_from_refuses_a_parent_trained_on_other_weights(train_run, released
     assert not os.path.exists(os.path.join(out, DELTA))
 
 
+@pytest.mark.slow
 def test_the_real_scripts_as_subprocesses(released_vlm, released_data, tmp_path):
     """`python train.py --vlm_model DIR` (LoRA) then `python infer.py --checkpoint OUT`, as a user runs them."""
     folder, out = released_vlm("qwen2_5_vl"), str(tmp_path / "out")

@@ -204,6 +204,8 @@ def answers(page) -> tuple[str, str]:
     return page.locator("#finetuned textarea").input_value(), page.locator("#base textarea").input_value()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_page_describes_the_checkpoint(page):
     info = page.locator("#checkpoint-info").inner_text()
     for words in ("vision", "connector", "llm", "trainable", "mlp2x_gelu", "120 of 120"):
@@ -219,6 +221,8 @@ def test_page_describes_the_checkpoint(page):
     assert re.search(r"held-out accuracy: [01]\.\d{3} at step 120 \(8 records\)", page.locator("#accuracy-plot").inner_text())
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_finetuned_answer_is_infer_py_answer_and_base_answers_beside_it(page, checkpoint, workdir):
     record = eval_record(workdir, 0)  # held out: the run never trained on it
     image = os.path.join(workdir, DATA, record["image"])
@@ -239,6 +243,8 @@ def test_finetuned_answer_is_infer_py_answer_and_base_answers_beside_it(page, ch
     assert "Error" not in page.locator("#status").inner_text()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_picker_fills_the_question_and_shows_the_expected_answer(page, workdir):
     """A --data record: its image, its question, its expected answer; then both answers, and
     the README's screenshot."""
@@ -255,6 +261,8 @@ def test_picker_fills_the_question_and_shows_the_expected_answer(page, workdir):
     page.screenshot(path=SCREENSHOT, full_page=True)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_bad_input_is_a_readable_error(page):
     status = page.locator("#status")
     ask(page, "   ")  # no question
@@ -267,6 +275,8 @@ def test_bad_input_is_a_readable_error(page):
     assert page.locator("#finetuned textarea").input_value() == ""
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_refused_checkpoint_shows_the_loaders_message(browser, urls):
     """The page still starts, says why the loader refused, and offers nothing to ask."""
     page = browser.new_page()
@@ -329,6 +339,7 @@ def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
     assert [np.asarray(f).tolist() for f in frames] == [np.asarray(f).tolist() for f in reference]
 
 
+@pytest.mark.slow
 def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, workdir, monkeypatch):
     """The page's handler in-process: a two-image question, greedy and sampled."""
     monkeypatch.chdir(workdir)  # the manifest names the base relative to the run's folder
