@@ -22,7 +22,7 @@ from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args, torchrun_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-import scripts.web_demo
+import scripts.web_demo_panel
 import train
 from cli import parse_config
 from config import DEFAULT_EVAL_STEPS, TrainArguments
@@ -214,7 +214,8 @@ def test_two_ranks_answer_the_sample_together_and_log_one_accuracy(tiny_base, de
 
 @pytest.fixture(scope="module")
 def web_demo():
-    return scripts.web_demo
+    """The page's side panel (scripts/web_demo_panel.py)."""
+    return scripts.web_demo_panel
 
 
 def curves(web_demo, state: dict) -> dict:
