@@ -268,6 +268,7 @@ def ask(images) -> list[tuple[list[dict], list]]:
     return [([{"role": "user", "content": "<image>\n" + QUESTION}], [images[0]])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["lora", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_py_keeps_frozen_weights_and_infer_py_answers(family, recipe, train_run, released_vlm,
