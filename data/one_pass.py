@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -91,14 +92,18 @@ def _progress_bar(data_path: str, show: bool):
     return tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, desc="data pass", file=sys.stderr)
 
 
+SMALL_FILE = 8 << 20  # bytes of records per worker process, at least (a pool costs seconds to start)
+
+
 def run_pass(data_path: str, settings: PassSettings, folder: str, workers: int | None = None,
              show_progress: bool = True) -> Report:
     """Reads, checks and tokenizes every record of `data_path` and decodes every media file once;
     writes the samples and the report into `folder` (data/prepared.py) and returns the report."""
-    workers = free_cores() if workers is None else workers
+    if workers is None:  # a small file is done before a pool of workers has started
+        workers = min(free_cores(), 1 + os.path.getsize(data_path) // SMALL_FILE)
     writer = PreparedWriter(folder)
     collected = _Collected(data_path, writer, settings)
-    bar = _progress_bar(data_path, show_progress)
+    bar, start = _progress_bar(data_path, show_progress), time.perf_counter()
     chunk_check.SETTINGS = settings  # before the fork: the workers inherit the tokenizer, never pickle it
     try:
         records = iter_records(data_path, progress=bar.update if bar else None)
@@ -107,9 +112,11 @@ def run_pass(data_path: str, settings: PassSettings, folder: str, workers: int |
                 collected.add(row)
             if bar:
                 bar.set_postfix(records=collected.report.num_records, refresh=False)
-    except DataError as e:  # the file as a whole: no record counts
-        writer.finish(Report(data_path, 0, [Problem(None, "file", None, "unreadable_file", str(e))]))
-        return Report(data_path, 0, [Problem(None, "file", None, "unreadable_file", str(e))])
+    except DataError as e:  # the file as a whole: no record counts, no sample is kept
+        report = Report(data_path, 0, [Problem(None, "file", None, "unreadable_file", str(e))])
+        writer.discard_samples()
+        writer.finish(report)
+        return report
     finally:
         chunk_check.SETTINGS = None
         if bar:
@@ -124,6 +131,10 @@ def run_pass(data_path: str, settings: PassSettings, folder: str, workers: int |
                        + media_problems)
     report.problems.sort(key=lambda p: (p.position is not None, p.position or 0))
     writer.finish(report)
+    if show_progress:
+        seconds = time.perf_counter() - start
+        print(f"data pass: {report.num_records} records, {len(writer)} samples in {seconds:.1f} s "
+              f"({report.num_records / max(seconds, 1e-9):.0f} records/s, {workers} worker processes)")
     return report
 
 

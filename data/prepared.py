@@ -47,9 +47,7 @@ class PreparedWriter:
         self.ids = open(os.path.join(folder, "ids.bin"), "wb")  # noqa: SIM115 - closed in finish
         self.labels = open(os.path.join(folder, "labels.bin"), "wb")  # noqa: SIM115
         self.blob = open(os.path.join(folder, "blob.bin"), "wb")  # noqa: SIM115
-        self.columns: dict[str, list] = {name: [] for name in ARRAYS}
-        self.columns["offsets"].append(0)
-        self.columns["blob_offsets"].append(0)
+        self.columns: dict[str, list] = {name: [0] if name.endswith("offsets") else [] for name in ARRAYS}
 
     def __len__(self) -> int:
         return len(self.columns["positions"])
@@ -66,6 +64,12 @@ class PreparedWriter:
         c["lengths"].append(length)
         c["usable"].append(usable)
         c["multimodal"].append(multimodal)
+
+    def discard_samples(self) -> None:
+        for f in (self.ids, self.labels, self.blob):
+            f.seek(0)
+            f.truncate()
+        self.columns = {name: [0] if name.endswith("offsets") else [] for name in ARRAYS}
 
     def flush(self) -> None:
         for f in (self.ids, self.labels, self.blob):
