@@ -84,12 +84,16 @@ class _Collected:
         return problems
 
 
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.isfile(path) else 0  # a missing file: the report names it
+
+
 def _progress_bar(data_path: str, show: bool):
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, desc="data pass", file=sys.stderr)
+    return tqdm(total=_size(data_path), unit="B", unit_scale=True, desc="data pass", file=sys.stderr)
 
 
 SMALL_FILE = 8 << 20  # bytes of records per worker process, at least (a pool costs seconds to start)
@@ -100,7 +104,7 @@ def run_pass(data_path: str, settings: PassSettings, folder: str, workers: int |
     """Reads, checks and tokenizes every record of `data_path` and decodes every media file once;
     writes the samples and the report into `folder` (data/prepared.py) and returns the report."""
     if workers is None:  # a small file is done before a pool of workers has started
-        workers = min(free_cores(), 1 + os.path.getsize(data_path) // SMALL_FILE)
+        workers = min(free_cores(), 1 + _size(data_path) // SMALL_FILE)
     writer = PreparedWriter(folder)
     collected = _Collected(data_path, writer, settings)
     bar, start = _progress_bar(data_path, show_progress), time.perf_counter()

@@ -198,6 +198,7 @@ from config import DataArguments
 from data.inputs import ComposedInputs
 
 def stuck(self, report):  # the samples are on disk; the report and the marker never come
+    self.flush()
     print("writing", flush=True)
     time.sleep(600)
 
