@@ -29,7 +29,7 @@ from data.chunk_check import (
 )
 from data.prepared import PreparedWriter
 from data.problems import Problem, Report
-from data.prompt import SampleTooLong, TemplateMismatch, check_fully_masked_share, expand_images, fit_length
+from data.prompt import SampleTooLong, TemplateMismatch, check_fully_masked_share, fit_length
 from data.record_check import check_media_files
 from data.records import DataError, iter_records
 
@@ -140,6 +140,19 @@ def run_pass(data_path: str, settings: PassSettings, folder: str, workers: int |
         print(f"data pass: {report.num_records} records, {len(writer)} samples in {seconds:.1f} s "
               f"({report.num_records / max(seconds, 1e-9):.0f} records/s, {workers} worker processes)")
     return report
+
+
+def expand_images(input_ids: list[int], labels: list[int], image_token_index: int, counts: list[int]):
+    """(input_ids, labels) with the k-th image token repeated `counts[k]` times: a released VLM's
+    sample as its processor will expand it (each image one token before), for its length."""
+    ids: list[int] = []
+    out: list[int] = []
+    images = iter(counts)
+    for token, label in zip(input_ids, labels, strict=True):
+        repeat = next(images, 1) if token == image_token_index else 1
+        ids += [token] * repeat
+        out += [label] * repeat
+    return ids, out
 
 
 def _finish_released(collected: _Collected, sizes: dict, settings: PassSettings) -> None:

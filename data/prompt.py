@@ -195,15 +195,23 @@ def turn_end_id(tokenizer) -> int:
     return next(t for t, (_, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if stop > start)
 
 
+def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids as `tokenizer(text, add_special_tokens=False)` gives them, by a fast
+    tokenizer's own batch encoder where it has one (~15% faster: no Python objects per text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False).input_ids
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def _encode_pieces(tokenizer, conversations: list[list[tuple[str, bool]]], num_image_tokens: int,
                    image_token_index: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each conversation's (text, supervised) pieces, every text between
-    `<image>` markers tokenized on its own, in ONE tokenizer call for them all: the call's own
-    overhead is most of a short text's cost, and a fast tokenizer encodes a batch as it encodes
-    each text. Each `<image>` becomes `num_image_tokens` copies of `image_token_index`."""
+    `<image>` markers tokenized on its own, all in ONE tokenizer call (a call's overhead is most
+    of a short text's cost); each `<image>` is `num_image_tokens` copies of `image_token_index`."""
     chunks = [[text.split(IMAGE_MARKER) for text, _ in pieces] for pieces in conversations]
     texts = [chunk for pieces in chunks for piece in pieces for chunk in piece if chunk]
-    encoded = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+    encoded = iter(_encode_texts(tokenizer, texts) if texts else [])
     out = []
     for pieces, piece_chunks in zip(conversations, chunks, strict=True):
         input_ids: list[int] = []
@@ -274,19 +282,6 @@ def fit_length(input_ids: list[int], labels: list[int], image_token_index: int, 
     if last_image >= max_length or all(label == IGNORE_INDEX for label in labels[:max_length]):
         raise SampleTooLong(f"{len(input_ids)} tokens (image tokens included) > --max_length {max_length}.")
     return input_ids[:max_length], labels[:max_length]
-
-
-def expand_images(input_ids: list[int], labels: list[int], image_token_index: int, counts: list[int]):
-    """(input_ids, labels) with the k-th image token repeated `counts[k]` times: a released VLM's
-    sample as its processor will expand it (each image one token before), for its length."""
-    ids: list[int] = []
-    out: list[int] = []
-    images = iter(counts)
-    for token, label in zip(input_ids, labels, strict=True):
-        repeat = next(images, 1) if token == image_token_index else 1
-        ids += [token] * repeat
-        out += [label] * repeat
-    return ids, out
 
 
 def tokenize_prompt(tokenizer, messages: list[dict], num_image_tokens: int, image_token_index: int) -> list[int]:

@@ -23,7 +23,7 @@ from config import DataArguments
 from constants import IGNORE_INDEX
 from data.dataset import read_records, record_messages, supervised_dataset
 from data.inputs import ComposedInputs
-from data.prompt import SampleTooLong, tokenize_conversation
+from data.prompt import IMAGE_MARKER, SampleTooLong, fit_length, split_supervised
 from data.records import iter_records
 
 N_IMAGE, IMAGE_TOKEN, MAX_LENGTH = 4, -200, 96
@@ -86,6 +86,20 @@ def training_set(tokenizer, args, num_image_tokens=N_IMAGE):
     return ComposedInputs(tokenizer, None, num_image_tokens, IMAGE_TOKEN).training_set(args, None)
 
 
+def todays_tokenization(tokenizer, messages) -> tuple[list[int], list[int]]:
+    """A frozen copy of the record-by-record tokenization the pass replaced: each text between
+    image markers of each supervised piece through its own tokenizer call."""
+    input_ids, labels = [], []
+    for text, supervised in split_supervised(tokenizer, messages):
+        ids = []
+        for k, chunk in enumerate(text.split(IMAGE_MARKER)):
+            ids += [IMAGE_TOKEN] * N_IMAGE if k else []
+            ids += tokenizer(chunk, add_special_tokens=False).input_ids if chunk else []
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return fit_length(input_ids, labels, IMAGE_TOKEN, MAX_LENGTH)
+
+
 def todays_samples(form, tokenizer, skip) -> list[tuple[list[int], list[int], dict]]:
     """The samples as the record-by-record path made them before the one pass: each record read,
     its messages built and tokenized alone, too long and fully masked ones dropped."""
@@ -93,7 +107,7 @@ def todays_samples(form, tokenizer, skip) -> list[tuple[list[int], list[int], di
     for record in read_records(form["path"], skip):
         messages = record_messages(record, form["folder"], 3)
         try:
-            ids, labels = tokenize_conversation(tokenizer, messages, N_IMAGE, IMAGE_TOKEN, MAX_LENGTH)
+            ids, labels = todays_tokenization(tokenizer, messages)
         except SampleTooLong:
             continue
         if any(label != IGNORE_INDEX for label in labels):
