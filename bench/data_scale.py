@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         cache = os.path.join(work, f"cache-{args.ranks}")
         if name != "rerun":
             shutil.rmtree(cache, ignore_errors=True)  # cold: nothing of an earlier pass
-        command = train_command(base, path, work, cache, os.path.join(work, "run"), args.ranks)
+        command = train_command(base, path, work, cache, os.path.join(work, f"run-{args.ranks}"), args.ranks)
         rows[name] = timed_run(command, os.path.join(work, f"{name}-{args.ranks}.log"))
         print(f"data_scale ranks={args.ranks} records={64 if path == small else args.records} {name}: "
               + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)

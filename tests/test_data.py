@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import transformers.video_utils
-from helpers import save_video, tiny_model_args
+from helpers import check_training, data_args, save_video, tiny_model_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,9 +21,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 import infer
 import train
-from config import DataArguments
 from data.dataset import Collator, read_records, supervised_dataset
-from data.inputs import ComposedInputs
 from data.media import ImageError, load_image, load_video_frames, video_frame_paths, video_length
 from data.prompt import (
     IGNORE_INDEX,
@@ -35,7 +33,7 @@ from data.prompt import (
 )
 from data.record_check import check_conversation
 from data.records import DataError
-from data.validate import check_training_data, validate_data_file
+from data.validate import validate_data_file
 from run.checkpoint import load_checkpoint
 from run.predict import first_question, generate_answers, predict_records
 from scripts import check_data
@@ -393,21 +391,10 @@ def test_every_mode_passes_validation(check, tmp_path, folder):
 # --- what train.py does with a report ------------------------------------------------------------
 
 
-def check_training(args, tokenizer, output_dir):
-    """The check training runs on a composed base's samples: the positions it leaves out."""
-    settings = ComposedInputs(tokenizer, None, N_IMAGE, IMAGE_TOKEN).pass_settings(args)
-    return check_training_data(args, settings, output_dir)[1]
-
-
-def data_args(path, folder, tmp_path, **overrides) -> DataArguments:
-    return DataArguments(data_path=path, image_folder=folder, max_length=256,
-                         data_check_cache=str(tmp_path / "cache"), **overrides)
-
-
 def test_training_refuses_bad_data_naming_records_and_the_fix(tmp_path, folder, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("bad", image="nope.png"), record("c")])
     with pytest.raises(DataError) as error:
-        check_training(data_args(path, folder, tmp_path), tiny_tokenizer, str(tmp_path))
+        check_training(data_args(path, folder, tmp_path), tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(tmp_path))
     message = str(error.value)
     assert "line 2 (id bad)" in message and "nope.png" in message
     assert "--skip_bad_samples true" in message and "check_data.py" in message
@@ -421,7 +408,7 @@ def test_skip_bad_samples_trains_on_the_rest_and_lists_the_skipped(
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
     args = data_args(path, folder, tmp_path, skip_bad_samples=True)
-    skip = check_training(args, tiny_tokenizer, str(out))
+    skip = check_training(args, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(out))
     assert skip == {1, 2, 4}
     with open(out / "skipped_records.jsonl") as f:
         skipped = [json.loads(line) for line in f]
@@ -489,7 +476,7 @@ def test_mostly_masked_data_is_a_template_error(tmp_path, folder, silent_tokeniz
     # Not something --skip_bad_samples can train around.
     args = data_args(path, folder, tmp_path, skip_bad_samples=True)
     with pytest.raises(DataError, match="chat template"):
-        check_training(args, silent_tokenizer, None)
+        check_training(args, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, None)
 
 
 def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny_base, check):

@@ -16,8 +16,8 @@ from PIL import Image
 
 from config import DataArguments, ModelArguments
 from constants import IGNORE_INDEX
-from data.media import image_size, load_image
 from data.inputs import ReleasedInputs
+from data.media import image_size, load_image
 from data.processor_prompt import ImageTokenCount, ProcessorTemplate, encode_batch
 from data.validate import validate_data_file
 from model.released import load_released_processor
