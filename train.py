@@ -35,10 +35,11 @@ from run.trainer import VLMTrainer
 
 def training_data(inputs, data_args, train_args):
     """(dataset, collator) of the checked records, built by the base's own inputs object
-    (data/inputs.py). The check before step 1 runs on rank 0 first; the others read its cache."""
-    with train_args.main_process_first(desc="data check"):
-        skip = inputs.check_data(data_args, train_args.output_dir if train_args.should_save else None)
-    return inputs.training_set(data_args, skip), inputs.collator(data_args.max_length)
+    (data/inputs.py): one pass checks and tokenizes them, on each node's first rank while the
+    others wait; then every rank maps the same cached arrays."""
+    with train_args.main_process_first(desc="data pass"):
+        dataset = inputs.training_set(data_args, train_args.output_dir if train_args.should_save else None)
+    return dataset, inputs.collator(data_args.max_length)
 
 
 def held_out_records(data_args, inputs) -> HeldOut | None:

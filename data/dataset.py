@@ -5,42 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from constants import IGNORE_INDEX, NUM_FRAMES
+from data.chunk_check import PassSettings
 from data.media import load_record_media, record_media_count
-from data.prompt import (
-    SampleTooLong,
-    check_fully_masked_share,
-    llava_to_messages,
-    tokenize_conversation,
-)
-from data.records import DataError, RawRecord, iter_records
-
-
-def normalise_record(raw: RawRecord) -> dict:
-    """One record as {"id": str, "image": [names], "video": name | None, "conversations":
-    [{"from", "value"}]}: ids may be numbers, "image" a name or a list, and extra keys anything;
-    the loaders need one shape. Validation (data/validate.py) says in detail what is wrong with
-    a record that fails here."""
-    if raw.error is not None:
-        named = f" (id {raw.record_id})" if raw.record_id is not None else ""
-        raise DataError(f"{raw.location}{named}: {raw.error}")
-    record = raw.record
-    try:
-        images = record.get("image")
-        images = [] if images is None else [images] if isinstance(images, str) else [str(i) for i in images]
-        conversations = [{"from": str(t["from"]), "value": str(t["value"])} for t in record["conversations"]]
-    except (KeyError, TypeError) as e:
-        raise DataError(
-            f"{raw.location} (id {raw.record_id}): not a LLaVA record ({e!r}); run scripts/check_data.py."
-        ) from e
-    video = record.get("video")
-    return {"id": raw.record_id or raw.location, "image": images, "video": None if video is None else str(video),
-            "conversations": conversations}
+from data.prepared import PreparedData
+from data.prompt import check_fully_masked_share, llava_to_messages
+from data.records import DataError, iter_records, normalise_record
 
 
 def read_records(data_path: str, skip: Collection[int] = ()) -> list[dict]:
@@ -57,86 +30,63 @@ def record_messages(record: dict, image_folder: str | None, num_frames: int) -> 
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
-    """Tokenizes every record once up front (so over-long samples are dropped, and counted,
-    before step 1) and loads images lazily in `__getitem__`; the Collator processes them."""
+    """The samples of one pass over the records (data/one_pass.py), read from its memory-mapped
+    cache (every rank shares the same pages), less the records in `skip` and those the pass
+    dropped (too long, nothing supervised). Images are loaded lazily in `__getitem__`; the
+    Collator processes them."""
 
-    def __init__(
-        self,
-        data_path: str,
-        image_folder: str | None,
-        tokenizer,
-        num_image_tokens: int,
-        image_token_index: int,
-        max_length: int,
-        skip: Collection[int] = (),
-        num_frames: int = NUM_FRAMES,
-    ):
+    def __init__(self, prepared: PreparedData, image_folder: str | None, skip: Collection[int] = (),
+                 num_frames: int = NUM_FRAMES):
         """`skip`: positions of records left out (the bad ones under --skip_bad_samples);
         `num_frames`: frames sampled from each video."""
-        self.image_folder = image_folder
-        self.num_frames = num_frames
-
-        def tokenize(record):
-            messages = record_messages(record, image_folder, num_frames)
-            try:
-                ids, labels = tokenize_conversation(
-                    tokenizer, messages, num_image_tokens, image_token_index, max_length
-                )
-            except SampleTooLong:
-                ids, labels = [], []
-            return {"input_ids": ids, "labels": labels}
-
-        records = read_records(data_path, skip)
-        if not records:
-            raise DataError(f"{data_path}: no record left to train on.")
-        tokenized = datasets.Dataset.from_list(records).map(tokenize, desc="tokenizing")
-        too_long = [len(ids) == 0 for ids in tokenized["input_ids"]]
-        fully_masked = [
-            bool(ids) and all(label == IGNORE_INDEX for label in labels)
-            for ids, labels in zip(tokenized["input_ids"], tokenized["labels"], strict=True)
-        ]
-        check_fully_masked_share(sum(fully_masked), len(tokenized) - sum(too_long))
-        keep = [i for i in range(len(tokenized)) if not (too_long[i] or fully_masked[i])]
-        kept = tokenized.select(keep).flatten_indices()
-        self.input_ids, self.offsets = _flatten(kept, "input_ids")  # [total tokens], [samples + 1]
-        self.labels, _ = _flatten(kept, "labels")
-        self.media = kept.select_columns(["image", "video"]).to_list()  # names only, per sample
-        self.num_dropped = len(tokenized) - len(keep)
-        if sum(too_long):
-            print(f"Dropped {sum(too_long)} of {len(tokenized)} records longer than max_length {max_length}.")
-        if sum(fully_masked):
+        self.prepared, self.image_folder, self.num_frames = prepared, image_folder, num_frames
+        self.samples = prepared.selection(skip)  # [samples kept]: indices into the pass's samples
+        report, skipped = prepared.report, set(skip)
+        too_long = {p.position for p in report.problems if p.kind == "too_long"} - skipped
+        fully_masked = {p.position for p in report.problems if p.kind == "no_labels"} - skipped
+        check_fully_masked_share(len(fully_masked), len(self.samples) + len(fully_masked))
+        if not len(self.samples):
+            raise DataError(f"{report.data_path}: no record left to train on.")
+        self.num_dropped = report.num_records - len(skipped) - len(self.samples)
+        if too_long:
+            print(f"Dropped {len(too_long)} of {report.num_records} records longer than max_length.")
+        if fully_masked:
             # Never a sample that learns nothing: it would only dilute the loss.
-            print(f"Dropped {sum(fully_masked)} of {len(tokenized)} records with no supervised token.")
+            print(f"Dropped {len(fully_masked)} of {report.num_records} records with no supervised token.")
 
     def __len__(self) -> int:
-        return len(self.media)
+        return len(self.samples)
 
     def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+        """Tokens per sample, image tokens counted."""
+        return self.prepared.lengths[self.samples].tolist()
 
     def multimodal(self) -> list[bool]:
         """Per sample: does it show images (or video frames)?"""
-        return [bool(m["image"]) or bool(m["video"]) for m in self.media]
+        return self.prepared.multimodal[self.samples].tolist()
+
+    def record(self, i: int) -> dict:
+        """Sample i's record as stored: its id and media names (a released VLM's: its turns too)."""
+        return self.prepared.record(int(self.samples[i]))
 
     def __getitem__(self, i: int) -> dict:
-        start, end = self.offsets[i], self.offsets[i + 1]
+        ids, labels = self.prepared.tokens(int(self.samples[i]))
         return {
-            "input_ids": torch.from_numpy(self.input_ids[start:end].astype(np.int64)),
-            "labels": torch.from_numpy(self.labels[start:end].astype(np.int64)),
-            "images": load_record_media(self.media[i], self.image_folder, self.num_frames),
+            "input_ids": torch.from_numpy(ids.astype(np.int64)),  # a copy: the mapped file stays read-only
+            "labels": torch.from_numpy(labels.astype(np.int64)),
+            "images": load_record_media(self.record(i), self.image_folder, self.num_frames),
         }
 
 
-def _flatten(table: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """A column of token-id lists as one flat int32 array and the offsets of its rows: a sample
-    is a slice. Formatting an Arrow row into Python lists and those into tensors cost more than
-    decoding its image; int32 halves the memory (ids, -100 and the image id all fit), and numpy
-    arrays stay shared, not copied, in forked DataLoader workers."""
-    lists = table.data.column(column).combine_chunks()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int32), offsets
+def supervised_dataset(data_path: str, image_folder: str | None, tokenizer, num_image_tokens: int,
+                       image_token_index: int, max_length: int, skip: Collection[int] = (),
+                       num_frames: int = NUM_FRAMES, cache_dir: str | None = None) -> SupervisedDataset:
+    """A composed base's samples of a file in one call (tests, benchmarks): its pass, cached in
+    `cache_dir` if given."""
+    from data.validate import prepare  # data.validate builds on this module's readers
+
+    settings = PassSettings(tokenizer, num_image_tokens, image_token_index, max_length, image_folder, num_frames)
+    return SupervisedDataset(prepare(data_path, settings, cache_dir), image_folder, skip, num_frames)
 
 
 class Collator:

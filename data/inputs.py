@@ -18,7 +18,8 @@ from functools import cached_property
 
 import torch
 
-from data.dataset import Collator, SupervisedDataset, read_records
+from data.chunk_check import PassSettings
+from data.dataset import Collator, SupervisedDataset
 from data.processor_prompt import (
     ImageTokenCount,
     ProcessorCollator,
@@ -79,15 +80,18 @@ class ComposedInputs(ModelInputs):
     def processing_class(self):
         return self.tokenizer
 
-    def check_data(self, data_args, output_dir: str | None) -> set[int]:
-        """The check before step 1 (data/validate.py): positions of the records to leave out."""
-        return check_training_data(data_args, self.tokenizer, self.num_image_tokens, self.image_token_index, output_dir)
+    def pass_settings(self, data_args) -> PassSettings:
+        """How the one pass reads this base's records: the chat template, each image as
+        `num_image_tokens` slots."""
+        return PassSettings(self.tokenizer, self.num_image_tokens, self.image_token_index, data_args.max_length,
+                            data_args.image_folder, data_args.num_frames)
 
-    def training_set(self, data_args, skip: set[int]) -> SupervisedDataset:
-        return SupervisedDataset(
-            data_args.data_path, data_args.image_folder, self.tokenizer, self.num_image_tokens,
-            self.image_token_index, data_args.max_length, skip=skip, num_frames=data_args.num_frames,
-        )
+    def training_set(self, data_args, output_dir: str | None) -> SupervisedDataset:
+        """The checked samples of --data_path: the one pass (data/validate.py), cached and
+        memory-mapped; refuses bad data as the check says. `output_dir`: where the skipped
+        records are listed (None on ranks that do not save)."""
+        prepared, skip = check_training_data(data_args, self.pass_settings(data_args), output_dir)
+        return SupervisedDataset(prepared, data_args.image_folder, skip, data_args.num_frames)
 
     def collator(self, max_length: int) -> Collator:
         """Samples are already cut to max_length when tokenized."""
@@ -129,16 +133,16 @@ class ReleasedInputs(ModelInputs):
     def processing_class(self):
         return self.processor
 
-    def check_data(self, data_args, output_dir: str | None) -> set[int]:
-        # A record's text is rendered by the processor's template; its images count as the
-        # processor expands them (one token each where it does not say): `image_tokens`.
-        return check_training_data(
-            data_args, ProcessorTemplate(self.processor), 1, self.image_token_index, output_dir, self.image_tokens
-        )
+    def pass_settings(self, data_args) -> PassSettings:
+        # A record's text is rendered by the processor's template, each image one token in the
+        # stored ids; its images count as the processor expands them (`image_tokens`), and the
+        # whole record is kept: the processor renders it again per batch.
+        return PassSettings(ProcessorTemplate(self.processor), 1, self.image_token_index, data_args.max_length,
+                            data_args.image_folder, data_args.num_frames, self.image_tokens, keep_records=True)
 
-    def training_set(self, data_args, skip: set[int]) -> ProcessorDataset:
-        records = read_records(data_args.data_path, skip)
-        return ProcessorDataset(records, data_args.image_folder, self.processor, data_args.num_frames, self.image_tokens)
+    def training_set(self, data_args, output_dir: str | None) -> ProcessorDataset:
+        prepared, skip = check_training_data(data_args, self.pass_settings(data_args), output_dir)
+        return ProcessorDataset(prepared, data_args.image_folder, self.processor, skip, data_args.num_frames)
 
     def collator(self, max_length: int) -> ProcessorCollator:
         """Images are expanded per batch, so a sample's length is known, and cut, only there."""

@@ -12,13 +12,16 @@ which tokens are supervised): the expansion only inserts tokens, at the image pl
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
 from constants import IGNORE_INDEX, NUM_FRAMES
-from data.dataset import record_messages
-from data.media import image_paths, image_size, load_record_media
+from data.dataset import SupervisedDataset, record_messages
+from data.media import load_record_media
+from data.prepared import PreparedData
 from data.prompt import (
     IMAGE_MARKER,
     SampleTooLong,
@@ -192,42 +195,19 @@ class ImageTokenCount:
         return made["input_ids"].shape[1] - (len(ids) - 1 + counts[0])
 
 
-class ProcessorDataset(torch.utils.data.Dataset):
-    """Records -> (messages, images) pairs; `ProcessorCollator` makes a batch of them with the
-    model's processor (the data check before step 1 has opened every image and, where the
-    processor states it, counted each image's tokens: `ImageTokenCount`)."""
+class ProcessorDataset(SupervisedDataset):
+    """A released VLM's samples of the one pass (its stored text tokens and, counted from each
+    image's size, its image tokens: `lengths()` for the sampler) as (messages, images) pairs:
+    `ProcessorCollator` makes a batch of them with the model's processor, which expands the images."""
 
-    def __init__(self, records: list[dict], image_folder: str | None, processor, num_frames: int = NUM_FRAMES,
-                 image_tokens: ImageTokenCount | None = None):
-        """`image_tokens`: the data check's count, if it made one (else made when lengths are asked)."""
-        self.records, self.image_folder, self.num_frames = records, image_folder, num_frames
-        self.processor, self.image_tokens = processor, image_tokens
-        refuse_text_only_if_images_needed(processor, records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def lengths(self) -> list[int]:
-        """Tokens per sample, the length-grouped sampler's estimate: its turns' text tokens plus
-        its images' tokens as the processor counts them from their sizes (read from the files'
-        headers; one token per image where the processor does not say, a video's frames one each)."""
-        texts = ["".join(turn["value"] for turn in r["conversations"]) for r in self.records]
-        text_tokens = self.processor.tokenizer(texts, add_special_tokens=False).input_ids
-        count = self.image_tokens or ImageTokenCount(self.processor)
-        return [len(ids) + self._image_tokens(r, count) for ids, r in zip(text_tokens, self.records, strict=True)]
-
-    def _image_tokens(self, record: dict, count: ImageTokenCount) -> int:
-        if record.get("video"):
-            return self.num_frames
-        paths = image_paths(record, self.image_folder)
-        counts = count([image_size(path) for path in paths]) if paths else None
-        return sum(counts) if counts else len(paths)
-
-    def multimodal(self) -> list[bool]:
-        return [bool(r["image"]) or bool(r["video"]) for r in self.records]
+    def __init__(self, prepared: PreparedData, image_folder: str | None, processor, skip: Collection[int] = (),
+                 num_frames: int = NUM_FRAMES):
+        super().__init__(prepared, image_folder, skip, num_frames)
+        self.processor = processor
+        refuse_text_only_if_images_needed(processor, self)
 
     def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
+        record = self.record(i)
         return {
             "id": record["id"],
             "messages": record_messages(record, self.image_folder, self.num_frames),
@@ -235,17 +215,18 @@ class ProcessorDataset(torch.utils.data.Dataset):
         }
 
 
-def refuse_text_only_if_images_needed(processor, records: list[dict]) -> None:
+def refuse_text_only_if_images_needed(processor, dataset: SupervisedDataset) -> None:
     """Some processors (PaliGemma's) refuse a sample without an image: say so before step 1,
     naming the records, rather than as the processor's error in the first batch that has one."""
-    text_only = [r["id"] for r in records if not r["image"] and not r["video"]]
+    text_only = [i for i, shows in enumerate(dataset.multimodal()) if not shows]
     if not text_only:
         return
     try:
         processor(text=["a"], return_tensors="pt")
     except ValueError as error:
+        ids = [dataset.record(i)["id"] for i in text_only[:10]]
         raise DataError(
-            f"{len(text_only)} records have no image (ids {text_only[:10]}), but this model's processor "
+            f"{len(text_only)} records have no image (ids {ids}), but this model's processor "
             f"takes none without one ({error}). Give each record an image, or leave these out of the data."
         ) from None
 

@@ -195,14 +195,63 @@ def turn_end_id(tokenizer) -> int:
     return next(t for t, (_, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if stop > start)
 
 
-def _tokenize_piece(tokenizer, text: str, num_image_tokens: int, image_token_index: int) -> list[int]:
-    ids: list[int] = []
-    for k, chunk in enumerate(text.split(IMAGE_MARKER)):
-        if k:
-            ids += [image_token_index] * num_image_tokens
-        if chunk:
-            ids += tokenizer(chunk, add_special_tokens=False).input_ids
-    return ids
+def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids as `tokenizer(text, add_special_tokens=False)` gives them, by a fast
+    tokenizer's own batch encoder where it has one (~15% faster: no Python objects per text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False).input_ids
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _encode_pieces(tokenizer, conversations: list[list[tuple[str, bool]]], num_image_tokens: int,
+                   image_token_index: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each conversation's (text, supervised) pieces, every text between
+    `<image>` markers tokenized on its own, all in ONE tokenizer call (a call's overhead is most
+    of a short text's cost); each `<image>` is `num_image_tokens` copies of `image_token_index`."""
+    chunks = [[text.split(IMAGE_MARKER) for text, _ in pieces] for pieces in conversations]
+    texts = [chunk for pieces in chunks for piece in pieces for chunk in piece if chunk]
+    encoded = iter(_encode_texts(tokenizer, texts) if texts else [])
+    out = []
+    for pieces, piece_chunks in zip(conversations, chunks, strict=True):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for (_, supervised), piece in zip(pieces, piece_chunks, strict=True):
+            ids: list[int] = []
+            for k, chunk in enumerate(piece):
+                if k:
+                    ids += [image_token_index] * num_image_tokens
+                if chunk:
+                    ids += next(encoded)
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        out.append((input_ids, labels))
+    return out
+
+
+def tokenize_conversations(
+    tokenizer,
+    conversations: list[list[dict]],
+    num_image_tokens: int,
+    image_token_index: int,
+    max_length: int | None = None,
+) -> list[tuple[list[int], list[int]] | UserError]:
+    """`tokenize_conversation` of many conversations at once (one tokenizer call): per
+    conversation its (input_ids, labels), or the `TemplateMismatch` / `SampleTooLong` it raised."""
+    results: list = [None] * len(conversations)
+    split = {}
+    for k, messages in enumerate(conversations):
+        try:
+            split[k] = split_supervised(tokenizer, messages)
+        except TemplateMismatch as e:
+            results[k] = e
+    encoded = _encode_pieces(tokenizer, list(split.values()), num_image_tokens, image_token_index)
+    for k, (ids, labels) in zip(split, encoded, strict=True):
+        try:
+            results[k] = fit_length(ids, labels, image_token_index, max_length)
+        except SampleTooLong as e:
+            results[k] = e
+    return results
 
 
 def tokenize_conversation(
@@ -218,13 +267,10 @@ def tokenize_conversation(
     Too long: the tail is cut only if every image token and at least one label survive;
     otherwise `SampleTooLong` is raised and the caller drops the sample.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in split_supervised(tokenizer, messages):
-        ids = _tokenize_piece(tokenizer, text, num_image_tokens, image_token_index)
-        input_ids += ids
-        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-    return fit_length(input_ids, labels, image_token_index, max_length)
+    (result,) = tokenize_conversations(tokenizer, [messages], num_image_tokens, image_token_index, max_length)
+    if isinstance(result, UserError):
+        raise result
+    return result
 
 
 def fit_length(input_ids: list[int], labels: list[int], image_token_index: int, max_length: int | None):
@@ -238,22 +284,8 @@ def fit_length(input_ids: list[int], labels: list[int], image_token_index: int, 
     return input_ids[:max_length], labels[:max_length]
 
 
-def expand_images(input_ids: list[int], labels: list[int], image_token_index: int, counts: list[int]):
-    """(input_ids, labels) with the k-th image token repeated `counts[k]` times: a released VLM's
-    sample as its processor will expand it (each image one token before), for its length."""
-    ids: list[int] = []
-    out: list[int] = []
-    images = iter(counts)
-    for token, label in zip(input_ids, labels, strict=True):
-        repeat = next(images, 1) if token == image_token_index else 1
-        ids += [token] * repeat
-        out += [label] * repeat
-    return ids, out
-
-
 def tokenize_prompt(tokenizer, messages: list[dict], num_image_tokens: int, image_token_index: int) -> list[int]:
     """Token ids of a prompt awaiting the assistant's answer (the generation prompt appended)."""
-    ids: list[int] = []
-    for text, _ in split_supervised(tokenizer, messages, add_generation_prompt=True):
-        ids += _tokenize_piece(tokenizer, text, num_image_tokens, image_token_index)
+    pieces = split_supervised(tokenizer, messages, add_generation_prompt=True)
+    ((ids, _),) = _encode_pieces(tokenizer, [pieces], num_image_tokens, image_token_index)
     return ids

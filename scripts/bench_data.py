@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from config import DataArguments, ModelArguments
 from constants import DEMO_CONFIG
-from data.dataset import Collator, SupervisedDataset
+from data.dataset import Collator, supervised_dataset
 from fixtures.demo_assets import make_missing_demo_assets
 from model.build import load_tokenizer_and_image_processor
 from model.vlm import IMAGE_TOKEN_INDEX
@@ -60,8 +60,9 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     tokenizer, image_processor = load_tokenizer_and_image_processor(model_args, data_args.chat_template)
-    dataset = SupervisedDataset(
-        data_args.data_path, data_args.image_folder, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX, data_args.max_length, num_frames=data_args.num_frames,
+    dataset = supervised_dataset(
+        data_args.data_path, data_args.image_folder, tokenizer, num_image_tokens(model_args), IMAGE_TOKEN_INDEX,
+        data_args.max_length, num_frames=data_args.num_frames,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=bench.batch_size, shuffle=True, num_workers=bench.num_workers,

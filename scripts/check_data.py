@@ -42,7 +42,9 @@ from model.vlm import IMAGE_TOKEN_INDEX
 
 @dataclass
 class CheckArguments:
-    num_workers: int = field(default=4, metadata={"help": "Threads decoding images."})
+    num_workers: int | None = field(
+        default=None, metadata={"help": "Processes of the pass (and threads decoding images); default: every core."}
+    )
 
 
 def num_image_tokens(args: ModelArguments) -> int:

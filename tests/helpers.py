@@ -8,7 +8,9 @@ import sys
 
 import numpy as np
 
-from config import ModelArguments
+from config import DataArguments, ModelArguments
+from data.inputs import ComposedInputs
+from data.validate import check_training_data
 from run.fingerprint import base_name
 
 
@@ -163,3 +165,15 @@ def assert_answers_end_with_a_stop(labels: list[int], answers: list[str], stop_i
         stops = [i for i, token in enumerate(run) if token in stop_ids]
         assert stops, f"no stop id {stop_ids} in the supervised {tokenizer.decode(run)!r}"
         assert tokenizer.decode(run[: stops[0]], skip_special_tokens=True).strip() == answer, tokenizer.decode(run)
+
+
+def data_args(path, folder, tmp_path, **overrides) -> DataArguments:
+    """Data settings for a check of `path` whose cache lies under `tmp_path`."""
+    return DataArguments(data_path=path, image_folder=folder, max_length=256,
+                         data_check_cache=str(tmp_path / "cache"), **overrides)
+
+
+def check_training(args, tokenizer, num_image_tokens: int, image_token: int, output_dir):
+    """The check training runs on a composed base's records: the positions it leaves out."""
+    settings = ComposedInputs(tokenizer, None, num_image_tokens, image_token).pass_settings(args)
+    return check_training_data(args, settings, output_dir)[1]

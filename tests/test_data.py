@@ -13,17 +13,15 @@ import sys
 import numpy as np
 import pytest
 import transformers.video_utils
-from helpers import save_video, tiny_model_args
+from helpers import check_training, data_args, save_video, tiny_model_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
-import data.validate as validate
 import infer
 import train
-from config import DataArguments
-from data.dataset import Collator, SupervisedDataset, read_records
+from data.dataset import Collator, read_records, supervised_dataset
 from data.media import ImageError, load_image, load_video_frames, video_frame_paths, video_length
 from data.prompt import (
     IGNORE_INDEX,
@@ -33,8 +31,9 @@ from data.prompt import (
     tokenize_conversation,
     tokenize_prompt,
 )
+from data.record_check import check_conversation
 from data.records import DataError
-from data.validate import check_conversation, check_training_data, validate_cached, validate_data_file
+from data.validate import validate_data_file
 from run.checkpoint import load_checkpoint
 from run.predict import first_question, generate_answers, predict_records
 from scripts import check_data
@@ -191,7 +190,7 @@ def test_image_without_marker_gets_one_before_the_first_question(check, tmp_path
     expected = llava_to_messages(row["conversations"], 1)
     assert expected[0]["content"] == "<image>\nWhat color are the shapes?"
     # Training and inference read the record the same way: the prompt is the training prefix.
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = supervised_dataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     ids = dataset[0]["input_ids"].tolist()
     assert ids.count(IMAGE_TOKEN) == N_IMAGE
     messages, images, answer = first_question(read_records(path)[0], folder)
@@ -245,7 +244,7 @@ def test_too_long_is_dropped_and_counted_never_cut_through_an_image(check, tmp_p
     assert not report.refuses_training  # dropped and counted, as LLaVA users expect
     assert "1 too long" in report.summary()
 
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, max_length)
+    dataset = supervised_dataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, max_length)
     assert (len(dataset), dataset.num_dropped) == (2, 1)
     for i in range(len(dataset)):
         example = dataset[i]
@@ -300,7 +299,7 @@ def test_numeric_ids_and_mixed_image_fields_read_as_one_shape(tmp_path, folder, 
     rows = [record(7), record("x", image=["a.png"]), record(8, image=None)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert [r["id"] for r in read_records(path)] == ["7", "x", "8"]
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = supervised_dataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     assert [len(dataset[i]["images"]) for i in range(3)] == [1, 1, 0]
     assert dataset.multimodal() == [True, True, False]  # what modality-grouped sampling reads
 
@@ -392,15 +391,10 @@ def test_every_mode_passes_validation(check, tmp_path, folder):
 # --- what train.py does with a report ------------------------------------------------------------
 
 
-def data_args(path, folder, tmp_path, **overrides) -> DataArguments:
-    return DataArguments(data_path=path, image_folder=folder, max_length=256,
-                         data_check_cache=str(tmp_path / "cache"), **overrides)
-
-
 def test_training_refuses_bad_data_naming_records_and_the_fix(tmp_path, folder, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("bad", image="nope.png"), record("c")])
     with pytest.raises(DataError) as error:
-        check_training_data(data_args(path, folder, tmp_path), tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(tmp_path))
+        check_training(data_args(path, folder, tmp_path), tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(tmp_path))
     message = str(error.value)
     assert "line 2 (id bad)" in message and "nope.png" in message
     assert "--skip_bad_samples true" in message and "check_data.py" in message
@@ -414,32 +408,17 @@ def test_skip_bad_samples_trains_on_the_rest_and_lists_the_skipped(
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
     args = data_args(path, folder, tmp_path, skip_bad_samples=True)
-    skip = check_training_data(args, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(out))
+    skip = check_training(args, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(out))
     assert skip == {1, 2, 4}
     with open(out / "skipped_records.jsonl") as f:
         skipped = [json.loads(line) for line in f]
     assert [(s["location"], s["id"]) for s in skipped] == [("line 2", "bad-image"), ("line 3", None), ("line 5", "empty")]
     assert "missing_image" in skipped[0]["reasons"][0] and "malformed_json" in skipped[1]["reasons"][0]
 
-    dataset = SupervisedDataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256, skip=skip)
+    dataset = supervised_dataset(path, folder, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256, skip=skip)
     assert len(dataset) == 2
     batch = Collator(tiny_tokenizer.pad_token_id, image_processor)([dataset[0], dataset[1]])  # every image loads
     assert batch["pixel_values"].shape[0] == 2
-
-
-def test_the_check_is_cached_by_file_hash(tmp_path, folder, tiny_tokenizer, monkeypatch):
-    path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("b", image="nope.png")])
-    args = (tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, 256, folder, str(tmp_path / "cache"))
-    first = validate_cached(path, *args)
-    calls = []
-    real = validate.validate_data_file
-    monkeypatch.setattr(validate, "validate_data_file", lambda *a, **k: calls.append(a) or real(*a, **k))
-    again = validate_cached(path, *args)
-    assert calls == [] and again == first  # read back, not checked again
-    validate_cached(path, *args[:3], 128, *args[4:])  # another max_length: checked again
-    write_jsonl(path, [record("a")])  # another file content: checked again
-    assert validate_cached(path, *args).problems == []
-    assert len(calls) == 2
 
 
 @pytest.mark.slow
@@ -491,14 +470,14 @@ def silent_tokenizer(tiny_base):
 def test_mostly_masked_data_is_a_template_error(tmp_path, folder, silent_tokenizer, check):
     path = write_jsonl(tmp_path / "d.jsonl", [record(str(i)) for i in range(4)])
     with pytest.raises(TemplateMismatch, match="chat template"):
-        SupervisedDataset(path, folder, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+        supervised_dataset(path, folder, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     report = check(path, folder, tokenizer=silent_tokenizer)
     fatal = report.of("fatal")
     assert len(fatal) == 1 and "4 of 4 samples have no supervised token" in fatal[0].reason
     # Not something --skip_bad_samples can train around.
     args = data_args(path, folder, tmp_path, skip_bad_samples=True)
     with pytest.raises(DataError, match="chat template"):
-        check_training_data(args, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, None)
+        check_training(args, silent_tokenizer, N_IMAGE, IMAGE_TOKEN, None)
 
 
 def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny_base, check):
@@ -509,7 +488,7 @@ def test_a_few_fully_masked_samples_are_named_and_dropped(tmp_path, folder, tiny
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     problem = only_problem(check(path, folder, tokenizer=tokenizer), "no_labels")
     assert problem.record_id == "only-blue"
-    dataset = SupervisedDataset(path, folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = supervised_dataset(path, folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     assert (len(dataset), dataset.num_dropped) == (2, 1)
 
 
@@ -594,7 +573,7 @@ def test_video_record_expands_to_one_image_block_per_frame(tmp_path, tiny_tokeni
     row = {"id": "v", "video": "clip", "conversations": [
         {"from": "human", "value": "What color are the shapes?"}, {"from": "gpt", "value": "red"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    dataset = SupervisedDataset(path, str(tmp_path / "media"), tiny_tokenizer, N_IMAGE,
+    dataset = supervised_dataset(path, str(tmp_path / "media"), tiny_tokenizer, N_IMAGE,
                                 IMAGE_TOKEN, 256, num_frames=3)
     example = dataset[0]
     assert len(example["images"]) == 3

@@ -9,13 +9,13 @@ import json
 import os
 
 import pytest
+from helpers import check_training, data_args
 from PIL import Image
 
-from config import DataArguments
-from data.dataset import SupervisedDataset, read_records, record_messages
+from data.dataset import read_records, record_messages, supervised_dataset
 from data.prompt import IMAGE_MARKER, llava_to_messages
 from data.records import DataError
-from data.validate import check_training_data, validate_data_file
+from data.validate import validate_data_file
 
 N_IMAGE, IMAGE_TOKEN = 4, -200
 RED, BLUE, GREEN = (220, 40, 40), (40, 70, 220), (30, 180, 60)
@@ -66,8 +66,8 @@ def colors(example) -> list[tuple]:
     return [image.getpixel((0, 0)) for image in example["images"]]
 
 
-def dataset(path, folder, tokenizer, **kwargs) -> SupervisedDataset:
-    return SupervisedDataset(str(path), folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256, **kwargs)
+def dataset(path, folder, tokenizer, **kwargs):
+    return supervised_dataset(str(path), folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256, **kwargs)
 
 
 # --- a byte-order mark, CRLF, and what ends a JSONL line -------------------------------------------
@@ -221,17 +221,12 @@ def test_an_absolute_path_outside_the_named_folder_is_refused_saying_how_to_allo
 # --- when no record is usable ----------------------------------------------------------------------
 
 
-def data_args(path, folder, tmp_path, **overrides) -> DataArguments:
-    return DataArguments(data_path=path, image_folder=folder, max_length=256,
-                         data_check_cache=str(tmp_path / "cache"), **overrides)
-
-
 @pytest.mark.parametrize("skip_bad_samples", [False, True])
 def test_when_every_record_is_bad_the_refusal_does_not_offer_skipping(tmp_path, folder, tiny_tokenizer, skip_bad_samples):
     path = write_jsonl(tmp_path / "d.jsonl", [llava("a", image="nope.png"), llava("b", image="gone.png")])
     args = data_args(path, folder, tmp_path, skip_bad_samples=skip_bad_samples)
     with pytest.raises(DataError) as error:
-        check_training_data(args, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(tmp_path / "out"))
+        check_training(args, tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, str(tmp_path / "out"))
     message = str(error.value)
     assert "--skip_bad_samples true" not in message and "the other 0" not in message
     assert "No record is usable" in message and "missing_image" in message and "--image_folder" in message
@@ -241,4 +236,4 @@ def test_when_every_record_is_bad_the_refusal_does_not_offer_skipping(tmp_path, 
 def test_with_some_good_records_the_refusal_still_offers_skipping(tmp_path, folder, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [llava("a"), llava("bad", image="nope.png"), llava("c")])
     with pytest.raises(DataError, match="--skip_bad_samples true to train on the other 2"):
-        check_training_data(data_args(path, folder, tmp_path), tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, None)
+        check_training(data_args(path, folder, tmp_path), tiny_tokenizer, N_IMAGE, IMAGE_TOKEN, None)

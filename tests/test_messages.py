@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor
 
 import infer
 import train
-from data.dataset import Collator, SupervisedDataset, read_records
+from data.dataset import Collator, read_records, supervised_dataset
 from data.messages import use_messages_dataset
 from data.records import DataError
 from run import predict
@@ -77,7 +77,7 @@ def data_args(**kw):
 
 
 def examples(path, folder, tokenizer, processor):
-    dataset = SupervisedDataset(path, folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
+    dataset = supervised_dataset(path, folder, tokenizer, N_IMAGE, IMAGE_TOKEN, 256)
     items = [dataset[i] for i in range(len(dataset))]
     return [(e["input_ids"].tolist(), e["labels"].tolist()) for e in items], Collator(
         tokenizer.pad_token_id, processor)(items)["pixel_values"]

@@ -18,7 +18,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from data.dataset import Collator, SupervisedDataset
+from data.dataset import Collator, supervised_dataset
 from model.freeze import apply_freeze_policy
 from model.vision import VisionTower, load_vision_encoder
 from model.vlm import IMAGE_TOKEN_INDEX
@@ -232,7 +232,7 @@ def test_multi_image_batch_through_dataset_and_collator(clip_mlp_model, tiny_bas
     data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     tokenizer = AutoTokenizer.from_pretrained(tiny_base["llm"])
     image_processor = AutoImageProcessor.from_pretrained(tiny_base["vision"])
-    dataset = SupervisedDataset(
+    dataset = supervised_dataset(
         str(data_path), demo_data["image_folder"], tokenizer, model.num_image_tokens, model.image_token_index, max_length=512,
     )
     assert len(dataset) == 2

@@ -14,11 +14,11 @@ import pytest
 from helpers import REPO_ROOT, SUBPROCESS_ENV
 from PIL import Image
 
-from config import ModelArguments
+from config import DataArguments, ModelArguments
 from constants import IGNORE_INDEX
-from data.dataset import read_records
+from data.inputs import ReleasedInputs
 from data.media import image_size, load_image
-from data.processor_prompt import ImageTokenCount, ProcessorDataset, ProcessorTemplate, encode_batch
+from data.processor_prompt import ImageTokenCount, ProcessorTemplate, encode_batch
 from data.validate import validate_data_file
 from model.released import load_released_processor
 from patches import processor_image_tokens
@@ -148,18 +148,27 @@ def test_check_data_script_counts_a_released_vlms_images(released_vlm, tmp_path)
 
 def test_length_grouping_counts_a_released_samples_image_tokens(released_vlm, tmp_path):
     """Qwen2.5-VL's 96 x 96 image is more tokens than a long answer: the length-grouped sampler
-    (its longest sample first) orders samples as the processor will make them, not by their text."""
+    (its longest sample first) orders samples as the processor will make them, not by their text.
+    The lengths come from the one pass (its text tokens and each image's count), not a second
+    tokenization."""
     processor = processor_of(released_vlm, "qwen2_5_vl")
     path = write_records(tmp_path, [(32, 32), (96, 96)])
-    records = read_records(path)
+    with open(path) as f:
+        records = json.load(f)
     records[0]["conversations"][1]["value"] = ANSWER + ", truly"  # the longer text, with the smaller image
-    dataset = ProcessorDataset(records, str(tmp_path), processor)
+    with open(path, "w") as f:
+        json.dump(records, f)
+    inputs = ReleasedInputs(processor, processor.image_token_id)
+    args = DataArguments(data_path=path, image_folder=str(tmp_path), max_length=4096,
+                         data_check_cache=str(tmp_path / "cache"))
+    dataset = inputs.training_set(args, None)
     made = [encode_batch(processor, [(sample["messages"], sample["images"])])["input_ids"].shape[1]
             for sample in (dataset[0], dataset[1])]
     characters = [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
     lengths = dataset.lengths()
     assert made[1] > made[0] and characters[1] < characters[0]
     assert lengths[1] > lengths[0]
+    assert lengths == made  # exactly as long as the processor makes them
 
 
 def test_image_size_is_the_loaded_images_after_exif_rotation(tmp_path):
