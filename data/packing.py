@@ -90,10 +90,10 @@ class PackedBatchSampler(BatchRebalanceSampler):
     def steps(self, epoch: int) -> list[list[list[int]]]:
         """The global steps of `epoch`: each `rows_per_device * world_size` rows of sample indices."""
         if epoch not in self._plans:
-            self._plans[epoch] = self._plan(torch.Generator().manual_seed(self.seed + epoch))
+            self._plans[epoch] = self.plan_steps(torch.Generator().manual_seed(self.seed + epoch))
         return self._plans[epoch]
 
-    def _plan(self, generator) -> list[list[list[int]]]:
+    def plan_steps(self, generator) -> list[list[list[int]]]:
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         kinds = [order] if self.multimodal is None else [[i for i in order if self.multimodal[i] == m] for m in (True, False)]
         per_step = self.rows_per_device * self.world_size
