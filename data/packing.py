@@ -82,6 +82,11 @@ class PackedBatchSampler(BatchRebalanceSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self):
+        """accelerate's DataLoader shard sets the epoch of its batch sampler's `sampler`."""
+        return self
+
     def steps(self, epoch: int) -> list[list[list[int]]]:
         """The global steps of `epoch`: each `rows_per_device * world_size` rows of sample indices."""
         if epoch not in self._plans:
