@@ -54,7 +54,7 @@ def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_
     """
     from transformers import HfArgumentParser  # as config: the ranks' imports, not the launcher's
 
-    from config import ALL_ARGUMENTS, check_evaluation
+    from config import ALL_ARGUMENTS, check_evaluation, check_packing
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help", HELP_ALL} & set(argv):
@@ -85,6 +85,7 @@ def parse_config(argv: list[str] | None = None, default_yaml: str | None = DEMO_
     if rest:
         raise ConfigError(f"Unexpected command-line words {rest}: settings are --key value.")
     check_evaluation(data_args, train_args)
+    check_packing(data_args, train_args)
     return model_args, data_args, train_args
 
 

@@ -74,6 +74,27 @@ class DataArguments:
     data_check_cache: str | None = field(
         default=None, metadata={"help": "Cache of data checks; default ~/.cache/vlm-finetune/data-check."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Rows of whole samples up to --packing_length, none seeing another (positions restart, "
+                  "block-diagonal causal mask): no compute spent on padding. --per_device_train_batch_size "
+                  "then counts rows (docs/packing.md)."},
+    )
+    packing_length: int | None = field(
+        default=None, metadata={"help": "Tokens per packed row, image tokens included; default max_length."}
+    )
+
+    def __post_init__(self):
+        if self.packing_length is not None and self.packing_length < self.max_length:
+            raise ConfigError(
+                f"--packing_length {self.packing_length} is shorter than --max_length {self.max_length}: a sample "
+                f"that long would fit no row. Raise --packing_length to at least {self.max_length}, or lower --max_length."
+            )
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per packed row."""
+        return self.packing_length or self.max_length
 
 
 @dataclass
@@ -176,6 +197,16 @@ def check_evaluation(data_args, train_args) -> None:
             f"{asked} generates answers on each rank alone, but {engine} shards the weights across ranks. "
             "Drop --eval_strategy and --eval_steps (train with DDP or ZeRO-1/2 to evaluate during training), "
             f"and score checkpoints afterwards: python infer.py --checkpoint CKPT --data {data_args.eval_data_path}"
+        )
+
+
+def check_packing(data_args, train_args) -> None:
+    """--packing true chooses the batches, so a second sampler setting is refused (the modality
+    grouping is the packer's own: rows of one kind per step)."""
+    if data_args.packing and train_args.train_sampling_strategy != "random":
+        raise ConfigError(
+            f"--packing true chooses the batches, and so does --train_sampling_strategy "
+            f"{train_args.train_sampling_strategy}: keep one."
         )
 
 

@@ -20,10 +20,12 @@ from cli import parse_config, run_main
 from config import save_resolved_config
 from data.dataset import read_records
 from data.messages import use_messages_dataset
+from data.packing import packed_batch_sampler
 from data.sampler import modality_length_sampler
 from fixtures.demo_assets import make_missing_demo_assets
 from model.freeze import apply_freeze_policy, format_table
 from model.memory_plan import format_plan, plan_memory
+from model.packing import check_packing
 from run.checkpoint import MANIFEST, load_base, load_delta
 from run.environment import adapt_to_machine
 from run.inputs import model_inputs
@@ -34,12 +36,16 @@ from run.trainer import VLMTrainer
 
 
 def training_data(inputs, data_args, train_args):
-    """(dataset, collator) of the checked records, built by the base's own inputs object
-    (data/inputs.py): one pass checks and tokenizes them, on each node's first rank while the
-    others wait; then every rank maps the same cached arrays."""
+    """(dataset, collator, sampler) of the checked records, built by the base's own inputs object
+    (data/inputs.py); the sampler None for the Trainer's own. One pass checks and tokenizes the
+    records, on each node's first rank while the others wait; then every rank maps the same
+    cached arrays."""
     with train_args.main_process_first(desc="data pass"):
         dataset = inputs.training_set(data_args, train_args.output_dir if train_args.should_save else None)
-    return dataset, inputs.collator(data_args.max_length)
+    if data_args.packing:  # rows of whole samples (data/packing.py)
+        rows = train_args.per_device_train_batch_size
+        return dataset, inputs.packing_collator(data_args, rows), packed_batch_sampler(dataset, data_args.row_length, train_args)
+    return dataset, inputs.collator(data_args.max_length), modality_length_sampler(dataset, train_args)
 
 
 def held_out_records(data_args, inputs) -> HeldOut | None:
@@ -91,14 +97,18 @@ def main(argv=None):
         # stage's, so each stage's checkpoint stands alone on the base.
         load_delta(model, train_args.init_from, new_adapters_ok=True)
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
+    if data_args.packing:  # a model that cannot keep packed samples apart is refused here
+        check_packing(model, train_args.per_device_train_batch_size)
     if train_args.dry_run:
         # max_length counts image tokens; the plan assumes every batch is padded to it (a released
         # VLM's images at the processor's pixel budget: model/anatomy.py).
+        # Packed, every row is full: packing_length tokens, and a block-diagonal mask [B, 1, L, L].
         plan = plan_memory(
             model,
             train_args.per_device_train_batch_size,
-            data_args.max_length,
+            data_args.row_length if data_args.packing else data_args.max_length,
             gradient_checkpointing=bool(train_args.activation_checkpointing),
+            packed=data_args.packing,
         )
         report(train_args, "memory_plan.txt", format_plan(plan))
         return
@@ -106,7 +116,7 @@ def main(argv=None):
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
     inputs = model_inputs(model, model_args, data_args.chat_template)
-    train_dataset, collator = training_data(inputs, data_args, train_args)
+    train_dataset, collator, sampler = training_data(inputs, data_args, train_args)
     held_out = held_out_records(data_args, inputs)
     evaluates = train_args.eval_strategy != "no"  # config.check_evaluation: then held_out is set
     trainer = VLMTrainer(
@@ -118,7 +128,7 @@ def main(argv=None):
         # Evaluation during training (VLMTrainer.evaluate): one seeded sample for the whole run.
         eval_dataset=held_out.sample(data_args.eval_max_samples, train_args.seed) if evaluates else None,
         parent_checkpoint=train_args.init_from,
-        train_sampler=modality_length_sampler(train_dataset, train_args),
+        train_sampler=sampler,
     )
     if finished is None:
         trainer.train(resume_from_checkpoint=resume)

@@ -20,6 +20,7 @@ import torch
 
 from data.chunk_check import PassSettings
 from data.dataset import Collator, SupervisedDataset
+from data.packing import PackingCollator
 from data.processor_prompt import (
     ImageTokenCount,
     ProcessorCollator,
@@ -58,6 +59,13 @@ class ModelInputs:
         """What the Trainer holds and a checkpoint saves the chat template of: the tokenizer, or
         a released VLM's processor."""
         raise NotImplementedError
+
+    def packing_collator(self, data_args, rows_per_device: int) -> PackingCollator:
+        """`--packing true`'s collator: this kind's own, its samples then laid end to end into rows
+        of `data_args.row_length` tokens (data/packing.py)."""
+        return PackingCollator(
+            self.collator(data_args.max_length), data_args.row_length, rows_per_device, self.text_tokenizer.pad_token_id or 0
+        )
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """New tokens [B, new] -> answers, special tokens dropped."""

@@ -32,6 +32,28 @@ KNOWN_MODULES = {
 # `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
 PREFIX_LM_TYPES = ("paligemma",)
 
+# --packing true (model/packing.py): the families whose forward keeps the samples of a packed row
+# apart when given positions that restart at each sample and no attention mask (transformers then
+# builds the block-diagonal causal mask from the positions), by how their positions are made:
+# "1d" (the restarted positions themselves) or "mrope" (each sample's 3-D positions from the
+# model's own `get_rope_index`, under the restarted text positions the mask is built from).
+PACKING_POSITIONS = {
+    "llava": "1d", "smolvlm": "1d", "idefics3": "1d",
+    "qwen2_vl": "mrope", "qwen2_5_vl": "mrope", "qwen3_vl": "mrope", "glm4v": "mrope",
+}
+# Families that cannot be packed safely, and why (named in the refusal); any family in neither
+# table is refused as not known to isolate.
+NOT_PACKABLE = {
+    "paligemma": "its prefix-LM mask (token_type_ids) is looked up by position, not by index, in transformers' "
+                 "packed-sequence path, so a sample's prefix would attend to the wrong tokens",
+    "gemma3": "its bidirectional image-token mask (token_type_ids) is looked up by position in transformers' "
+              "packed-sequence path",
+    "minicpmv4_6": "its LLM (Qwen3.5) has gated-delta-net layers (linear attention and a causal convolution) "
+                   "that run across the whole row; only flash-attention's cu_seqlens would cut them",
+    "qwen3_5": "its gated-delta-net layers (linear attention and a causal convolution) run across the whole row; "
+               "only flash-attention's cu_seqlens would cut them",
+}
+
 # How many of the tower's patches become one image token in the LLM's sequence, by the config
 # field a family states it in (the memory plan reads it; the processor expands images by it).
 PATCHES_PER_TOKEN_FIELDS = {

@@ -44,6 +44,7 @@ class MemoryPlan:
     frozen_tower_forward: int = 0  # a frozen tower's no_grad working set (transient, not kept)
     image: str = ""  # the image size assumed, in words
     notes: tuple[str, ...] = ()  # what the plan does not model of this model
+    packed: bool = False  # rows of whole samples (--packing true), each seq_len tokens
 
     @property
     def activations(self) -> int:
@@ -125,6 +126,7 @@ def plan_memory(
     supervised_tokens: int | None = None,
     padded: bool | None = None,
     fused_loss: bool | None = None,
+    packed: bool = False,
 ) -> MemoryPlan:
     """The memory one device needs to train `model` (built and frozen) on batches of
     `batch_size` samples of `seq_len` tokens each, image tokens included (`--max_length` counts
@@ -136,7 +138,9 @@ def plan_memory(
     `fused_loss`: whether the head runs fused with the loss (model/loss.py); default: as the
     model decided on its first training step, or, before one, wherever it can (a plain linear
     head). A family that changes its logits after the head (Gemma's soft-capping) is found out
-    on the first step and keeps the unfused path: plan it with fused_loss=False."""
+    on the first step and keeps the unfused path: plan it with fused_loss=False.
+    `packed`: rows of whole samples (--packing true), `batch_size` rows of `seq_len` tokens, with
+    the block-diagonal mask transformers builds for them (as a padded batch's, [B, 1, L, L])."""
     a = anatomy(model)
     image_tokens = images_per_sample * a.image_tokens
     if seq_len <= image_tokens:
@@ -144,7 +148,8 @@ def plan_memory(
             f"seq_len {seq_len} leaves no room for text after {images_per_sample} image(s) of "
             f"{a.image_tokens} tokens: every sample would be dropped. Raise --max_length."
         )
-    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing, image=a.image, notes=a.notes)
+    plan = MemoryPlan(batch_size, seq_len, image_tokens, gradient_checkpointing, image=a.image, notes=a.notes,
+                      packed=packed)
     act = _plan_fixed(model, plan)
     mask = 1 if next(model.parameters()).device.type == "cuda" else act
     if fused_loss is None:
@@ -157,7 +162,8 @@ def plan_memory(
         seq_len,
         images_per_sample,
         rows=batch_size * seq_len if supervised_tokens is None else supervised_tokens,  # logits at labels only
-        padded=batch_size > 1 if padded is None else padded,  # the collator pads to the longest sample
+        # The collator pads to the longest sample; a packed row's mask is as large.
+        padded=packed or (batch_size > 1 if padded is None else padded),
         fused_loss=fused_loss,
         act=act,
         mask=mask,
@@ -190,8 +196,9 @@ def _size(nbytes: float) -> str:
 
 def format_plan(plan: MemoryPlan) -> str:
     text = plan.seq_len - plan.image_tokens
+    rows = "packed rows (several whole samples each, block-diagonal mask)" if plan.packed else "batch"
     lines = [
-        f"memory plan per device: batch {plan.batch_size} x {plan.seq_len} tokens "
+        f"memory plan per device: {rows} {plan.batch_size} x {plan.seq_len} tokens "
         f"({plan.image_tokens} image + {text} text), AdamW, "
         f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
         f"images planned at {plan.image}",

@@ -24,6 +24,7 @@ from transformers import (
 
 from constants import IGNORE_INDEX
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
+from model.packing import is_packed, packed_position_ids
 from model.quantization import load_kwargs
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
@@ -202,8 +203,14 @@ class ReleasedVLM(VLMBase):
 
     def forward(self, labels=None, **inputs):
         """The model's own forward, or in a training step the loss at labelled positions only
-        (`VLMBase.loss_at_labels`). `num_items_in_batch` reaches the loss (else DDP doubles it)."""
+        (`VLMBase.loss_at_labels`). `num_items_in_batch` reaches the loss (else DDP doubles it).
+        Positions without an attention mask are a packed batch's, restarting at each sample."""
         num_items = inputs.pop("num_items_in_batch", None)
+        if is_packed(inputs):
+            # A packed batch (data/packing.py): each family's positions for it (model/packing.py), and
+            # no cache: transformers builds the packed mask only without one.
+            inputs["position_ids"] = packed_position_ids(self.config.model_type, self.base.model, inputs)
+            inputs["use_cache"] = False
         if labels is None or not (self.training and torch.is_grad_enabled()):
             out = self.vlm(**inputs, labels=labels)
             return zero_loss_if_all_masked(out, labels)

@@ -13,6 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from constants import IGNORE_INDEX
 from model.components import component_of, module_table
 from model.loss import linear_cross_entropy
+from model.packing import is_packed
 
 # Image positions in `input_ids` hold this id (LLaVA's convention). It never reaches the
 # embedding table, so the base vocabulary and embeddings stay untouched.
@@ -220,6 +221,8 @@ class VisionLanguageModel(VLMBase):
         Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
         """
         embeds = self.embed_inputs(input_ids, pixel_values)
+        if is_packed({"attention_mask": attention_mask, **kwargs}):
+            kwargs["use_cache"] = False  # transformers builds a packed batch's mask only without a cache
         if labels is None or not (self.training and torch.is_grad_enabled() and self.head_at_labels_only):
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
             return zero_loss_if_all_masked(out, labels)

@@ -51,6 +51,18 @@ def disable_kv_cache(model: torch.nn.Module) -> None:
             config.use_cache = False
 
 
+class EpochOfSampler(TrainerCallback):
+    """Tells a sampler with `set_epoch` (the packed one) which epoch begins. transformers' own call
+    does not reach it through accelerate's wrappers when a multi-rank run resumes mid-epoch
+    (`SkipBatchSampler` around `BatchSamplerShard`), and the resumed epoch would replay epoch 0."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(state.epoch or 0))  # a resumed run's state.epoch: epoch + its fraction done
+
+
 class VLMTrainer(TrainerHooks):
     """Six changes: the optimizer gets a learning rate per component and only trainable
     parameters; saving writes the delta checkpoint (`Trainer.save_model` on a plain module
@@ -66,6 +78,8 @@ class VLMTrainer(TrainerHooks):
         self.parent_checkpoint = parent_checkpoint
         self.train_sampler = train_sampler
         self.add_callback(LogLastStep)
+        if hasattr(train_sampler, "set_epoch"):
+            self.add_callback(EpochOfSampler(train_sampler))
         if not self.args.use_cache:
             disable_kv_cache(self.model)
 
