@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import startup  # noqa: F401  (first: before any library loads)
 
+import dataclasses
 import json
 import os
 
@@ -28,6 +29,7 @@ from run.checkpoint import MANIFEST, load_base, load_delta
 from run.environment import adapt_to_machine
 from run.inputs import model_inputs
 from run.predict import HeldOut, accuracy
+from run.preference import DPO_PLAN_NOTE, PreferenceTrainer, preference_data
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
@@ -35,7 +37,10 @@ from run.trainer import VLMTrainer
 
 def training_data(inputs, data_args, train_args):
     """(dataset, collator) of the checked records, built by the base's own inputs object
-    (data/inputs.py). The check before step 1 runs on rank 0 first; the others read its cache."""
+    (data/inputs.py). The check before step 1 runs on rank 0 first; the others read its cache.
+    `--stage dpo`: preference pairs, both answers checked alike (run/preference.py)."""
+    if train_args.stage == "dpo":
+        return preference_data(inputs, data_args, train_args)
     with train_args.main_process_first(desc="data check"):
         skip = inputs.check_data(data_args, train_args.output_dir if train_args.should_save else None)
     return inputs.training_set(data_args, skip), inputs.collator(data_args.max_length)
@@ -46,6 +51,26 @@ def held_out_records(data_args, inputs) -> HeldOut | None:
     if not data_args.eval_data_path:
         return None
     return HeldOut(read_records(data_args.eval_data_path), data_args.eval_image_folder, inputs, data_args.num_frames)
+
+
+def trainer_class(train_args):
+    """The stage's Trainer: the supervised loss, or DPO's against the step-0 reference."""
+    return PreferenceTrainer if train_args.stage == "dpo" else VLMTrainer
+
+
+def stage_memory_plan(model, data_args, train_args) -> str:
+    """--dry_run's plan. max_length counts image tokens; the plan assumes every batch is padded to
+    it (a released VLM's images at the processor's pixel budget: model/anatomy.py). A DPO step
+    runs each pair's two answers as two rows, the LM head at their labelled tokens unfused."""
+    dpo = train_args.stage == "dpo"
+    plan = plan_memory(
+        model,
+        train_args.per_device_train_batch_size * (2 if dpo else 1),
+        data_args.max_length,
+        gradient_checkpointing=bool(train_args.activation_checkpointing),
+        fused_loss=False if dpo else None,
+    )
+    return format_plan(dataclasses.replace(plan, notes=(*plan.notes, DPO_PLAN_NOTE)) if dpo else plan)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -91,15 +116,7 @@ def main(argv=None):
         load_delta(model, train_args.init_from, new_adapters_ok=True)
     report(train_args, "freeze_table.txt", format_table(apply_freeze_policy(model, model_args)))
     if train_args.dry_run:
-        # max_length counts image tokens; the plan assumes every batch is padded to it (a released
-        # VLM's images at the processor's pixel budget: model/anatomy.py).
-        plan = plan_memory(
-            model,
-            train_args.per_device_train_batch_size,
-            data_args.max_length,
-            gradient_checkpointing=bool(train_args.activation_checkpointing),
-        )
-        report(train_args, "memory_plan.txt", format_plan(plan))
+        report(train_args, "memory_plan.txt", stage_memory_plan(model, data_args, train_args))
         return
 
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
@@ -108,7 +125,7 @@ def main(argv=None):
     train_dataset, collator = training_data(inputs, data_args, train_args)
     held_out = held_out_records(data_args, inputs)
     evaluates = train_args.eval_strategy != "no"  # config.check_evaluation: then held_out is set
-    trainer = VLMTrainer(
+    trainer = trainer_class(train_args)(  # DPO's computes the step-0 reference log-probs here
         model=model,
         args=train_args,
         train_dataset=train_dataset,

@@ -19,6 +19,7 @@ from functools import cached_property
 import torch
 
 from data.dataset import Collator, SupervisedDataset, read_records
+from data.preference_batch import PairCollator, ProcessorPairCollator
 from data.processor_prompt import (
     ImageTokenCount,
     ProcessorCollator,
@@ -93,6 +94,10 @@ class ComposedInputs(ModelInputs):
         """Samples are already cut to max_length when tokenized."""
         return Collator(self.tokenizer.pad_token_id, self.image_processor)
 
+    def pair_collator(self, max_length: int) -> PairCollator:
+        """Preference pairs (data/preference_batch.py): 2B rows, the images once."""
+        return PairCollator(self.collator(max_length))
+
     def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Left-padded inputs of prompts awaiting their answers: input_ids, attention_mask [B, L]
         and pixel_values [N, 3, H, W] of every image in order."""
@@ -143,6 +148,9 @@ class ReleasedInputs(ModelInputs):
     def collator(self, max_length: int) -> ProcessorCollator:
         """Images are expanded per batch, so a sample's length is known, and cut, only there."""
         return ProcessorCollator(self.processor, max_length, self.prefix_lm)
+
+    def pair_collator(self, max_length: int) -> ProcessorPairCollator:
+        return ProcessorPairCollator(self.collator(max_length), self.processor.tokenizer.pad_token_id)
 
     def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         return encode_batch(self.processor, prompts, add_generation_prompt=True)
