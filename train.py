@@ -21,6 +21,7 @@ from cli import parse_config, run_main
 from config import save_resolved_config
 from data.dataset import read_records
 from data.messages import use_messages_dataset
+from data.preference import use_preference_dataset
 from data.sampler import modality_length_sampler
 from fixtures.demo_assets import make_missing_demo_assets
 from model.freeze import apply_freeze_policy, format_table
@@ -120,6 +121,8 @@ def main(argv=None):
         return
 
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
+        if train_args.stage == "dpo":  # a dataset of pairs (a hub id, parquet) -> a .jsonl of pairs, once
+            use_preference_dataset(data_args, train_args.output_dir)
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
     inputs = model_inputs(model, model_args, data_args.chat_template)
     train_dataset, collator = training_data(inputs, data_args, train_args)

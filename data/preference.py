@@ -22,8 +22,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from data.prompt import IMAGE_MARKER
+from data.messages import content_text, load_messages_dataset, saved_images
 from data.records import DataError, RawRecord, iter_records
+from patches import dataset_fingerprint
 
 
 @dataclass
@@ -42,27 +43,18 @@ class Pair:
         return {"id": self.id, "image": self.image, "conversations": [*self.conversations, {"from": "gpt", "value": answer}]}
 
 
-def _text(content) -> str:
-    """A message's content, a string or typed parts, as text with `<image>` where an image goes."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(IMAGE_MARKER if p.get("type") == "image" else str(p.get("text", "")) for p in content)
-    raise TypeError(f"content is neither a string nor a list of parts: {content!r}")
-
-
 def _turns(messages) -> list[dict]:
     """A prompt given as a string or as chat messages -> LLaVA turns."""
     if isinstance(messages, str):
         return [{"from": "human", "value": messages}]
-    return [{"from": m["role"], "value": _text(m["content"])} for m in messages]
+    return [{"from": m["role"], "value": content_text(m["content"], f"turn {k}")} for k, m in enumerate(messages)]
 
 
 def _answer(value) -> str:
     """A chosen or rejected answer: a string, or TRL's list of (one) assistant message."""
     if isinstance(value, str):
         return value
-    texts = [_text(m["content"]) for m in value if m.get("role") == "assistant"]
+    texts = [content_text(m["content"], "the answer") for m in value if m.get("role") == "assistant"]
     if len(texts) != 1:
         raise ValueError(f"an answer given as messages holds one assistant message, not {len(texts)}")
     return texts[0]
@@ -104,7 +96,7 @@ def as_pair(raw: RawRecord) -> tuple[Pair | None, str | None]:
         conversations, chosen = _prompt_and_chosen(record)
         rejected = _answer(record["rejected"])
         images = _images(record)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, DataError) as e:
         return None, f"not a preference record ({type(e).__name__}: {e}): write it in {SHAPES}"
     if not chosen.strip() or not rejected.strip():
         empty = "chosen" if not chosen.strip() else "rejected"
@@ -164,3 +156,32 @@ def refuse_bad_pairs(files: PairFiles, data_path: str, skip_bad_samples: bool, o
     if output_dir:
         with open(os.path.join(output_dir, "skipped_pairs.jsonl"), "w") as f:
             f.writelines(json.dumps({"location": loc, "id": rid, "reason": why}) + "\n" for loc, rid, why in files.problems)
+
+
+# What a pair row of a dataset may hold, of the three shapes; its images are written as files.
+PAIR_FIELDS = ("question", "prompt", "conversations", "chosen", "rejected")
+
+
+def _pair_row(row: dict, index: int, image_dir: str) -> dict:
+    images = row.get("images", row.get("image"))
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    record = {"id": str(row.get("id", row.get("idx", index))), **{k: row[k] for k in PAIR_FIELDS if k in row}}
+    return {**record, "images": saved_images(images, index, image_dir)}
+
+
+def use_preference_dataset(data_args, out_dir: str) -> None:
+    """--stage dpo with --dataset_name (a hub id such as openbmb/RLAIF-V-Dataset, a save_to_disk
+    folder, a .parquet file): its rows written once as a JSONL of pairs (keyed by the dataset's
+    fingerprint), their images as PNG files beside it; --data_path and --image_folder then name
+    them, and every later step reads the file as it reads a --data_path of pairs."""
+    if not data_args.dataset_name:
+        return
+    dataset = load_messages_dataset(data_args.dataset_name, data_args.dataset_split)
+    folder = os.path.join(out_dir, "preference_data", dataset_fingerprint(dataset))
+    path = os.path.join(folder, "pairs.jsonl")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(_pair_row(row, i, folder)) + "\n" for i, row in enumerate(dataset))
+        os.replace(path + ".tmp", path)  # atomic: another rank never reads half a file
+    data_args.data_path, data_args.image_folder, data_args.dataset_name = path, folder, None

@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from data.preference import pair_files, refuse_bad_pairs
 from data.preference_batch import PairDataset
-from errors import ConfigError
 from model.preference import dpo_loss
 from run.trainer import VLMTrainer
 
@@ -36,12 +35,6 @@ def preference_data(inputs, data_args, train_args):
     """(PairDataset, pair collator) of `--data_path`'s preference records. Pairs are checked as
     supervised records are, both continuations (data/preference.py), on rank 0 first; a pair
     with a bad chosen or rejected conversation is left out whole, under --skip_bad_samples."""
-    if data_args.dataset_name:
-        raise ConfigError(
-            f"--stage dpo reads preference pairs from --data_path (.json/.jsonl), but --dataset_name "
-            f"{data_args.dataset_name} is a messages-format SFT dataset. Export the pairs to a file "
-            "(docs/preference_tuning.md lists the record shapes) and pass it as --data_path."
-        )
     out = os.path.join(train_args.output_dir, "pairs")
     saves = train_args.should_save
     with train_args.main_process_first(desc="preference pairs"):
