@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 
 import pytest
 import torch
-from helpers import tiny_model_args
+from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args
 from safetensors import safe_open
 
 import train
@@ -21,15 +22,19 @@ from constants import IGNORE_INDEX
 from data.preference import as_pair, pair_files, refuse_bad_pairs
 from data.prompt import llava_to_messages
 from data.records import DataError, iter_records
-from fixtures.preference import pair_record, write_pairs
+from fixtures.preference import make_color_set, pair_record, write_pairs
 from fixtures.tiny_vlms import FAMILIES
 from model.freeze import apply_freeze_policy
 from model.preference import dpo_loss
 from run.checkpoint import load_base, load_checkpoint
 from run.inputs import model_inputs
+from run.predict import accuracy
 from run.preference import REFERENCE_FILE, compute_reference_logps, preference_data
 
 BETA, SFT_WEIGHT = 0.1, 0.5
+CPU_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--dtype", "float32", "--bf16", "false",
+            "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0", "--logging_steps", "1",
+            "--disable_tqdm", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +130,8 @@ def vision_calls(model, kind: str) -> list:
     if kind == "composed":
         towers = [model.vision]
     else:
-        names = [name for name, part in model.component_table.items() if part == "vision"]
-        towers = [m for n, m in model.base.named_modules() if n in names]
+        # The outermost module named as the vision component (Qwen's `model.visual`, merger inside).
+        towers = [m for n, m in model.base.named_modules() if n.count(".") == 1 and model.component(n + ".x") == "vision"]
     for tower in towers:
         tower.register_forward_hook(lambda *_: calls.append(1))
     return calls
@@ -236,7 +241,7 @@ def test_the_dpo_loss_equals_trls_on_the_same_batch(released_vlm, demo_data, tmp
               for i in range(2)]
     config = DPOConfig(output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=["sigmoid", "sft"],
                        loss_weights=[1.0, SFT_WEIGHT], max_length=None, per_device_train_batch_size=2,
-                       report_to="none", use_cpu=True)
+                       report_to="none", use_cpu=True, bf16=False)  # TRL's default bf16 would autocast its reference
     theirs = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(folder), args=config,
                         train_dataset=Dataset.from_list(trl_rows(images)), processing_class=AutoProcessor.from_pretrained(folder))
     batch = theirs._prepare_inputs(next(iter(theirs.get_train_dataloader())))
@@ -272,3 +277,65 @@ def test_dry_run_plans_the_dpo_stage(tiny_base, tmp_path, capsys):
     assert "batch 4 x" in sft and "batch 8 x" in dpo and "--stage dpo" in dpo
     assert "--stage dpo" not in sft
 
+
+
+# --- it learns ---------------------------------------------------------------------------------
+
+
+def held_out_accuracy(out) -> float:
+    with open(os.path.join(out, "eval_predictions.jsonl")) as f:
+        return accuracy([json.loads(line) for line in f])
+
+
+@pytest.mark.slow
+def test_dpo_after_a_brief_sft_raises_held_out_accuracy(tiny_base, tmp_path_factory):
+    """A brief SFT leaves the tiny model at part of the colour questions; DPO on pairs of the same
+    training images (the right colour chosen, a wrong one rejected) answers more held-out ones."""
+    root = tmp_path_factory.mktemp("learns")
+    data = make_color_set(str(root / "colors"), train_size=256, eval_size=64)
+    common = ["configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
+              "--image_folder", data["image_folder"], "--eval_data_path", data["eval"], "--warmup_steps", "0",
+              "--per_device_train_batch_size", "16", "--logging_steps", "4", "--disable_tqdm", "true"]
+    train.main([*common, "--data_path", data["train"], "--output_dir", str(root / "sft"), "--max_steps", "12"])
+    train.main([*common, "--stage", "dpo", "--data_path", data["pairs"], "--init_from", str(root / "sft"),
+                "--output_dir", str(root / "dpo"), "--max_steps", "24", "--learning_rate", "1e-4", "--dpo_beta", "0.1"])
+    before, after = held_out_accuracy(root / "sft"), held_out_accuracy(root / "dpo")
+    assert 0.3 < before < 0.9  # partly learnt: room to improve either way
+    assert after > before, (before, after)
+    with open(root / "dpo" / "trainer_state.json") as f:
+        logged = [e for e in json.load(f)["log_history"] if "rewards/accuracies" in e]
+    assert logged[-1]["rewards/accuracies"] >= 0.9
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+
+
+# --- the web page, the launch script ------------------------------------------------------------
+
+
+def test_the_web_page_plots_the_rewards_beside_the_loss():
+    from scripts.web_demo import loss_history, reward_history
+
+    state = {"log_history": [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
+                              "rewards/margins": 0.2 * s, "rewards/accuracies": 1.0} for s in (1, 2)]}
+    rewards = reward_history(state)
+    assert sorted(set(rewards["series"])) == ["chosen", "margins", "rejected"] and len(rewards) == 6
+    assert rewards[rewards["series"] == "margins"]["reward"].tolist() == pytest.approx([0.2, 0.4])
+    assert len(loss_history(state)) == 2
+    assert reward_history({"log_history": [{"step": 1, "loss": 1.0}]}) is None  # an SFT run: no reward plot
+
+
+@pytest.mark.slow
+def test_the_minicpmv46_dpo_script_trains_from_an_sft_checkpoint(released_vlm, pairs, demo_data, tmp_path):
+    model = released_vlm("minicpmv4_6")
+    sft = str(tmp_path / "sft")
+    train.main(["configs/minicpmv46_lora.yaml", "--vlm_model", model, "--data_path", demo_data["train"],
+                "--image_folder", demo_data["image_folder"], "--output_dir", sft, *CPU_ARGS])
+    out = str(tmp_path / "dpo")
+    env = {**SUBPROCESS_ENV, "NPROC": "1", "MODEL": model, "DATA": pairs, "IMAGES": demo_data["image_folder"],
+           "OUT": out, "INIT_FROM": sft}
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "minicpmv46_dpo.sh"), *CPU_ARGS],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert "'rewards/accuracies'" in result.stdout
+    with open(os.path.join(out, "vlm_manifest.json")) as f:
+        assert json.load(f)["parent"]  # the SFT stage it started from
+    assert os.path.isfile(os.path.join(out, REFERENCE_FILE))
