@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args
 from safetensors import safe_open
 
+import run.preference
 import train
 from config import DataArguments, ModelArguments, TrainArguments
 from constants import IGNORE_INDEX
@@ -26,7 +28,7 @@ from fixtures.preference import make_color_set, pair_record, write_pairs
 from fixtures.tiny_vlms import FAMILIES
 from model.freeze import apply_freeze_policy
 from model.preference import dpo_loss
-from run.checkpoint import load_base, load_checkpoint
+from run.checkpoint import MANIFEST, load_base, load_checkpoint
 from run.inputs import model_inputs
 from run.predict import accuracy
 from run.preference import REFERENCE_FILE, compute_reference_logps, preference_data
@@ -183,10 +185,11 @@ def read_reference(out) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_the_cached_reference_is_the_init_from_model_at_step_0_and_survives_a_resume(
-        tiny_base, pairs, demo_data, sft_checkpoint, tmp_path):
+        tiny_base, pairs, demo_data, sft_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "dpo"
-    train.main(dpo_argv(tiny_base, pairs, demo_data, out, "--init_from", sft_checkpoint, "--max_steps", "2",
-                        "--save_strategy", "steps", "--save_steps", "2"))
+    argv = dpo_argv(tiny_base, pairs, demo_data, out, "--init_from", sft_checkpoint, "--max_steps", "4",
+                    "--save_strategy", "steps", "--save_steps", "2")
+    train.main(argv)
     cached = read_reference(out)  # [pairs, 2]
     # A live reference: the SFT checkpoint through the one loader, each answer by the model's own forward.
     live_model, inputs, _ = load_checkpoint(sft_checkpoint)
@@ -199,13 +202,19 @@ def test_the_cached_reference_is_the_init_from_model_at_step_0_and_survives_a_re
     trained, _, _ = load_checkpoint(str(out))
     moved = torch.tensor([own_logps(trained, collator, dataset[i]["chosen"]) for i in range(len(dataset))])
     assert (moved - live[:, 0]).abs().max() > 1e-3
-    # ... and a resumed run reads the step-0 reference, not one of the trained weights.
-    train.main(dpo_argv(tiny_base, pairs, demo_data, out, "--init_from", sft_checkpoint, "--max_steps", "3",
-                        "--resume_from_checkpoint", "true"))
+    # ... and a run cut off after checkpoint-2 resumes with the cached step-0 reference, not recomputing it.
+    shutil.rmtree(out / "checkpoint-4")
+    os.remove(out / MANIFEST)
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the reference was recomputed on resume")
+
+    monkeypatch.setattr(run.preference, "compute_reference_logps", recompute)
+    train.main([*argv, "--resume_from_checkpoint", "true"])
     assert torch.equal(read_reference(out), cached)
     with open(out / "trainer_state.json") as f:
         logged = [e for e in json.load(f)["log_history"] if "loss" in e]
-    assert [e["step"] for e in logged] == [1, 2, 3]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert all(name in e for e in logged)
     assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
@@ -324,18 +333,18 @@ def test_the_web_page_plots_the_rewards_beside_the_loss():
 
 
 @pytest.mark.slow
-def test_the_minicpmv46_dpo_script_trains_from_an_sft_checkpoint(released_vlm, pairs, demo_data, tmp_path):
-    model = released_vlm("minicpmv4_6")
-    sft = str(tmp_path / "sft")
-    train.main(["configs/minicpmv46_lora.yaml", "--vlm_model", model, "--data_path", demo_data["train"],
-                "--image_folder", demo_data["image_folder"], "--output_dir", sft, *CPU_ARGS])
+def test_the_minicpmv46_dpo_script_trains_two_steps(released_vlm, pairs, demo_data, tmp_path):
+    """The recipe's script and config in step with train.py, on the tiny MiniCPM-V 4.6: its hub ids
+    replaced (MODEL, DATA over its dataset_name), its SFT parent left out (--init_from is tested on
+    the composed base above: a minicpmv4_6 stage costs a minute on this CPU)."""
     out = str(tmp_path / "dpo")
-    env = {**SUBPROCESS_ENV, "NPROC": "1", "MODEL": model, "DATA": pairs, "IMAGES": demo_data["image_folder"],
-           "OUT": out, "INIT_FROM": sft}
-    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "minicpmv46_dpo.sh"), *CPU_ARGS],
-                            capture_output=True, text=True, timeout=900, env=env)
+    env = {**SUBPROCESS_ENV, "NPROC": "1", "MODEL": released_vlm("minicpmv4_6"), "DATA": pairs,
+           "IMAGES": demo_data["image_folder"], "OUT": out}
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "minicpmv46_dpo.sh"), *CPU_ARGS,
+                             "--init_from", ""], capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     assert "'rewards/accuracies'" in result.stdout
-    with open(os.path.join(out, "vlm_manifest.json")) as f:
-        assert json.load(f)["parent"]  # the SFT stage it started from
-    assert os.path.isfile(os.path.join(out, REFERENCE_FILE))
+    with open(os.path.join(out, "freeze_table.txt")) as f:
+        table = {line.split()[0]: line.split()[1] for line in f.read().splitlines()[1:4]}
+    assert (table["vision"], table["connector"], table["llm"]) == ("frozen", "frozen", "lora")
+    assert os.path.isfile(os.path.join(out, MANIFEST)) and os.path.isfile(os.path.join(out, REFERENCE_FILE))
