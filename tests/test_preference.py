@@ -14,8 +14,9 @@ import subprocess
 
 import pytest
 import torch
-from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args
+from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args, torchrun_train
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import run.preference
 import train
@@ -28,7 +29,7 @@ from fixtures.preference import make_color_set, pair_record, write_pairs
 from fixtures.tiny_vlms import FAMILIES
 from model.freeze import apply_freeze_policy
 from model.preference import dpo_loss
-from run.checkpoint import MANIFEST, load_base, load_checkpoint
+from run.checkpoint import DELTA, MANIFEST, load_base, load_checkpoint
 from run.inputs import model_inputs
 from run.predict import accuracy
 from run.preference import REFERENCE_FILE, compute_reference_logps, preference_data
@@ -348,3 +349,37 @@ def test_the_minicpmv46_dpo_script_trains_two_steps(released_vlm, pairs, demo_da
         table = {line.split()[0]: line.split()[1] for line in f.read().splitlines()[1:4]}
     assert (table["vision"], table["connector"], table["llm"]) == ("frozen", "frozen", "lora")
     assert os.path.isfile(os.path.join(out, MANIFEST)) and os.path.isfile(os.path.join(out, REFERENCE_FILE))
+
+
+# --- DDP and ZeRO-2 -----------------------------------------------------------------------------
+
+ENGINES = {"ddp": [], "zero2": ["--deepspeed", "configs/deepspeed/zero2.json"]}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", [pytest.param("ddp"), pytest.param("zero2", marks=pytest.mark.deepspeed)])
+def test_two_ranks_train_the_pairs_as_one_process(engine, tiny_base, demo_data, tmp_path):
+    """A global batch of 4 pairs on 1 rank, and on 2 ranks of 2 (the reference computed by rank 0,
+    read by rank 1): the same trained delta, the same logged DPO metrics."""
+    if engine == "zero2":
+        pytest.importorskip("deepspeed", reason="pip install -r requirements-deepspeed.txt (CI does)")
+    # 12 pairs for the 3 steps of 4: no epoch's last, short batch (which accelerate evens out across
+    # ranks by repeating pairs, where one process runs it short).
+    pairs = write_pairs(demo_data["train"], str(tmp_path / "pairs.json"), limit=12)
+    dpo = ["--stage", "dpo", "--data_path", pairs, "--freeze_vit", "true", "--learning_rate", "1e-2",
+           "--logging_steps", "1"]
+    torchrun_train(1, tiny_base, demo_data, tmp_path / "one", *dpo)
+    torchrun_train(2, tiny_base, demo_data, tmp_path / engine, *dpo, *ENGINES[engine])
+    one, two = load_file(tmp_path / "one" / DELTA), load_file(tmp_path / engine / DELTA)
+    assert set(one) == set(two) and any(k.startswith("llm.") for k in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-4, rtol=0, msg=name)
+    logs = []
+    for run_dir in ("one", engine):
+        with open(tmp_path / run_dir / "trainer_state.json") as f:
+            logs.append([e for e in json.load(f)["log_history"] if "loss" in e])
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/accuracies"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
