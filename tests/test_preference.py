@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args, torchrun_train
+from helpers import REPO_ROOT, SUBPROCESS_ENV, make_color_set, tiny_model_args, torchrun_train
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,7 +25,7 @@ from constants import IGNORE_INDEX
 from data.preference import as_pair, pair_files, refuse_bad_pairs
 from data.prompt import llava_to_messages
 from data.records import DataError, iter_records
-from fixtures.preference import make_color_set, pair_record, write_pairs
+from fixtures.preference import pair_record, write_pairs
 from fixtures.tiny_vlms import FAMILIES
 from model.freeze import apply_freeze_policy
 from model.preference import dpo_loss
@@ -254,7 +254,7 @@ def test_the_dpo_loss_equals_trls_on_the_same_batch(released_vlm, demo_data, tmp
                        report_to="none", use_cpu=True, bf16=False)  # TRL's default bf16 would autocast its reference
     theirs = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(folder), args=config,
                         train_dataset=Dataset.from_list(trl_rows(images)), processing_class=AutoProcessor.from_pretrained(folder))
-    batch = theirs._prepare_inputs(next(iter(theirs.get_train_dataloader())))
+    batch = next(iter(theirs.get_train_dataloader()))  # on the CPU already
     perturb(theirs.model)  # the policy moves; TRL's reference stays the model as loaded
     trl_loss = theirs.compute_loss(theirs.model, dict(batch)).item()
 
@@ -303,6 +303,7 @@ def test_dpo_after_a_brief_sft_raises_held_out_accuracy(tiny_base, tmp_path_fact
     training images (the right colour chosen, a wrong one rejected) answers more held-out ones."""
     root = tmp_path_factory.mktemp("learns")
     data = make_color_set(str(root / "colors"), train_size=256, eval_size=64)
+    data["pairs"] = write_pairs(data["train"], str(root / "pairs.json"))  # a wrong colour rejected
     common = ["configs/demo.yaml", "--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"],
               "--image_folder", data["image_folder"], "--eval_data_path", data["eval"], "--warmup_steps", "0",
               "--per_device_train_batch_size", "16", "--logging_steps", "4", "--disable_tqdm", "true"]
