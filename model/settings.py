@@ -132,7 +132,7 @@ class ModelArguments:
 
 def refuse_conflicts(args: ModelArguments) -> None:
     """Flag combinations that cannot mean what the user wants, refused before any model loads.
-    The README's freeze matrix lists every combination and what it trains."""
+    docs/configuration.md's freeze matrix lists every combination and what it trains."""
     if args.lora_on_llm and not args.freeze_llm:
         raise ConfigError(
             "--freeze_llm false trains every LLM weight, so --lora_enable true with --lora_target "

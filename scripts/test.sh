@@ -29,5 +29,7 @@ fi
 # browser (the fast run, `python -m pytest`); an empty marker expression lifts that. Set here, not
 # on the command line, so that a `-m` passed to this script still wins.
 export PYTEST_ADDOPTS="-m '' ${PYTEST_ADDOPTS:-}"
+# One pytest worker per core (pytest-xdist): most tests are single-threaded Python or a subprocess
+# of train.py, so a worker per core shares out the CPU time; worksteal keeps them busy to the end.
 # pytest's exit status is this script's.
-exec python -m pytest -q "$@"
+exec python -m pytest -q -n auto --dist worksteal "$@"

@@ -1,5 +1,5 @@
 """scripts/bench_data.py runs the real loader (workers, image decoding, collation) and prints one
-row of fields; the speed itself is measured by hand (README, "Data"), never asserted."""
+row of fields; the speed itself is measured by hand (docs/data.md, "Loader throughput"), never asserted."""
 
 from __future__ import annotations
 

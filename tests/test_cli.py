@@ -154,6 +154,7 @@ def shown_options(text: str) -> list[tuple[str, str, str]]:
     return re.findall(r"^  --(\w+) (\S+(?: \[\S+ \.\.\.\])?)\s+\(default (.*?)\)", text, re.M)
 
 
+@pytest.mark.slow
 def test_help_runs_and_lists_the_projects_settings_first_grouped():
     result = python("train.py", "--help")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -253,6 +254,7 @@ def bad_data(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["config-typo", "conflicting-flags", "missing-config", "bad-record", "checkpoint-refused", "infer-usage"],
@@ -281,6 +283,7 @@ def test_a_user_error_is_one_message_and_exit_status_2(case, tiny_base, bad_data
     assert "VLM_DEBUG=1" in result.stderr
 
 
+@pytest.mark.slow
 def test_vlm_debug_shows_the_traceback():
     result = python("train.py", "configs/demo.yaml", "--learnig_rate", "1", VLM_DEBUG="1")
     assert result.returncode == 1
@@ -408,6 +411,7 @@ def test_wandb_with_a_login_or_a_mode_is_left_alone(login, no_wandb_login, monke
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_a_wandb_run_without_a_login_trains_and_logs_offline(tiny_base, demo_data, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "configs/demo.yaml", "--vision_model", tiny_base["vision"],
@@ -425,6 +429,7 @@ def test_a_wandb_run_without_a_login_trains_and_logs_offline(tiny_base, demo_dat
 # --- 4. the launch scripts fit the machine ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_launch_script_defaults_nproc_to_the_gpus_and_stops_cleanly_on_a_user_error():
     env = {k: v for k, v in USER_ENV.items() if k != "NPROC"}
     result = subprocess.run(

@@ -442,6 +442,7 @@ def test_the_check_is_cached_by_file_hash(tmp_path, folder, tiny_tokenizer, monk
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_check_data_script_lists_every_problem_and_exits_1(tmp_path, folder, tiny_base):
     path = write_jsonl(tmp_path / "d.jsonl", [record("a"), record("bad", image="nope.png"), "{oops"])
     result = subprocess.run(

@@ -38,6 +38,9 @@ def zero3_everything_partitioned(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_zero2_trains_the_weights_of_one_process(tiny_base, demo_data, tmp_path):
     torchrun_train(1, tiny_base, demo_data, tmp_path / "one", "--freeze_vit", "true")
     torchrun_train(2, tiny_base, demo_data, tmp_path / "zero2", "--freeze_vit", "true",
@@ -49,6 +52,9 @@ def test_zero2_trains_the_weights_of_one_process(tiny_base, demo_data, tmp_path)
         torch.testing.assert_close(zero2[name], one[name], atol=1e-4, rtol=0, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_zero3_fused_loss_trains_like_the_llms_own_head(tiny_base, demo_data, tmp_path, zero3_everything_partitioned):
     """The fused loss reads the LM head's weight outside the head's own forward; under ZeRO-3,
     every tensor sharded, DeepSpeed gathers it as an external parameter, and its gradient reaches
@@ -67,6 +73,9 @@ def test_zero3_fused_loss_trains_like_the_llms_own_head(tiny_base, demo_data, tm
     assert (runs["true"]["llm.lm_head.weight"] - base_head).abs().max() > 1e-3  # it trained
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_zero3_lora_and_connector_delta_is_whole_and_loads(
     tiny_base, demo_data, tmp_path, zero3_everything_partitioned
 ):
@@ -96,6 +105,9 @@ def test_zero3_lora_and_connector_delta_is_whole_and_loads(
     assert result.returncode == 0 and "accuracy:" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_init_from_writes_the_parent_delta_into_zero3_shards(
     tiny_base, demo_data, tmp_path, zero3_everything_partitioned
 ):
@@ -112,6 +124,7 @@ def test_init_from_writes_the_parent_delta_into_zero3_shards(
     load_checkpoint(str(stage2))
 
 
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_deepspeed_configs_pass_the_trainer_integration(path):
     from deepspeed.runtime.config import DeepSpeedConfig  # local: deepspeed is optional (importorskip above)
@@ -132,6 +145,9 @@ def test_deepspeed_configs_pass_the_trainer_integration(path):
         assert resolved.zero_config.gather_16bit_weights_on_model_save  # or the delta cannot be saved
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_zero3_relaunching_a_finished_run_changes_nothing(tiny_base, demo_data, tmp_path, zero3_everything_partitioned):
     """A retrying scheduler's relaunch of a finished ZeRO-3 run: no step past max_steps (the
     Trainer alone would train one), the delta untouched, every rank leaves."""

@@ -35,6 +35,7 @@ def demo_run(tmp_path_factory) -> tuple[str, str]:
     return workdir, stdout
 
 
+@pytest.mark.slow
 def test_demo_reaches_95_percent_held_out(demo_run):
     workdir, stdout = demo_run
     match = re.search(r"held-out accuracy: ([0-9.]+) \((\d+) records\)", stdout)
@@ -45,6 +46,7 @@ def test_demo_reaches_95_percent_held_out(demo_run):
         assert os.path.isfile(os.path.join(workdir, "outputs", "demo", name)), name
 
 
+@pytest.mark.slow
 def test_infer_answers_held_out_images(demo_run):
     workdir, _ = demo_run
     checkpoint = os.path.join(workdir, "outputs", "demo")

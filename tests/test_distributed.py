@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,6 +39,8 @@ def write_records(path, records) -> str:
     return str(path)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_match_one_process_and_only_rank0_writes(tiny_base, demo_data, tmp_path):
     with open(demo_data["train"]) as f:
         records = json.load(f)[:8]
@@ -62,6 +65,8 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(tiny_base, demo_data,
     assert moved > 0, "training changed nothing, so the comparison proves nothing"
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_text_only_batches_on_one_rank_do_not_hang(tiny_base, demo_data, tmp_path):
     with open(demo_data["train"]) as f:
         with_image = json.load(f)[0]

@@ -22,7 +22,7 @@ from helpers import REPO_ROOT, SUBPROCESS_ENV, tiny_model_args, torchrun_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-import scripts.web_demo
+import scripts.web_demo_panel
 import train
 from cli import parse_config
 from config import DEFAULT_EVAL_STEPS, TrainArguments
@@ -177,6 +177,7 @@ def composed_run(tiny_base, demo_data, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_eval_accuracy_is_in_trainer_state_at_every_eval_step(composed_run):
     state = read_state(composed_run)
     evaluations = logged(state, "eval_accuracy")
@@ -186,6 +187,7 @@ def test_eval_accuracy_is_in_trainer_state_at_every_eval_step(composed_run):
     assert sorted(logged(state, "loss")) == [4]
 
 
+@pytest.mark.slow
 def test_eval_accuracy_reaches_tensorboard(composed_run):
     (events,) = glob.glob(os.path.join(composed_run, "runs", "*", "events.out.tfevents.*"))
     scalars = EventAccumulator(events).Reload().Scalars("eval/accuracy")  # transformers' name for eval_accuracy
@@ -195,6 +197,8 @@ def test_eval_accuracy_reaches_tensorboard(composed_run):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_answer_the_sample_together_and_log_one_accuracy(tiny_base, demo_data, tmp_path):
     """Each rank answers its share (5 records: 3 and 2), all gather: neither waits on the other
     generating, and the logged count is the whole sample's."""
@@ -210,7 +214,8 @@ def test_two_ranks_answer_the_sample_together_and_log_one_accuracy(tiny_base, de
 
 @pytest.fixture(scope="module")
 def web_demo():
-    return scripts.web_demo
+    """The page's side panel (scripts/web_demo_panel.py)."""
+    return scripts.web_demo_panel
 
 
 def curves(web_demo, state: dict) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,6 +27,8 @@ def test_wrap_policy_names_the_decoder_and_encoder_layers(tiny_base):
     assert set(model._no_split_modules) <= present  # accelerate refuses a name it cannot find
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp2_on_cpu_shards_trains_like_one_process_and_saves_a_whole_delta(tiny_base, demo_data, tmp_path):
     one = tmp_path / "one"
     fsdp = tmp_path / "fsdp"

@@ -1,4 +1,4 @@
-"""Who imports whom: the README's layout rules, held by reading every module's imports (ast).
+"""Who imports whom: the layout rules of docs/layout.md, held by reading every module's imports (ast).
 
 A module's *place* is its top-level package (`model/settings.py` -> model) or, for a top-level
 module, its own name (`train.py` -> train); `tests/bench/` is a place of its own. `RULES` says,

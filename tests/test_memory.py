@@ -40,6 +40,7 @@ def built(tiny_base, **overrides):
 # --- train.py --dry_run -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dry_run_prints_table_and_plan_and_trains_nothing(tiny_base, demo_data, tmp_path):
     out = str(tmp_path / "run")
     argv = [
@@ -180,6 +181,7 @@ def test_checkpointing_and_freezing_lower_the_plan(tiny_base):
     assert long.activations_no_ckpt > short.activations_no_ckpt
 
 
+@pytest.mark.slow
 def test_dry_run_plans_a_7b_recipe_from_its_configs_alone(tmp_path):
     """configs/shapes/ holds only the config.json of CLIP ViT-L/14-336 and Vicuna-7B: no weights.
     The plan builds on the meta device, so it runs anywhere without downloading 14 GB."""

@@ -117,6 +117,7 @@ def test_an_unknown_content_part_names_the_row(tmp_path):
         use_messages_dataset(data_args(data_path=str(path)), str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_train_py_trains_on_a_messages_dataset(tmp_path, media, tiny_base):
     out = str(tmp_path / "run")
     train.main([
@@ -160,6 +161,7 @@ def test_a_missing_llava_file_is_not_taken_for_a_hub_id(tmp_path):
     assert (args.data_path, args.eval_data_path) == (str(tmp_path / "nope.json"), str(tmp_path / "gone.jsonl"))
 
 
+@pytest.mark.slow
 def test_infer_answers_a_messages_file(tmp_path, media, tiny_base, monkeypatch, capsys):
     """infer.py --data reads a messages-format file as train.py reads it: the same prompts, images."""
     out = str(tmp_path / "run")

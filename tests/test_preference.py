@@ -323,7 +323,7 @@ def test_dpo_after_a_brief_sft_raises_held_out_accuracy(tiny_base, tmp_path_fact
 
 
 def test_the_web_page_plots_the_rewards_beside_the_loss():
-    from scripts.web_demo import loss_history, reward_history
+    from scripts.web_demo_panel import loss_history, reward_history
 
     state = {"log_history": [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
                               "rewards/margins": 0.2 * s, "rewards/accuracies": 1.0} for s in (1, 2)]}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import infer
-import scripts.web_demo
+import scripts.web_demo_answers
 from data.dataset import read_records
 from data.media import load_image, video_frame_paths
 from data.prompt import MarkerMismatch, question_messages
@@ -24,7 +24,8 @@ COLORS = {"red.png": (255, 0, 0), "blue.png": (0, 0, 255), "green.png": (0, 255,
 
 @pytest.fixture(scope="module")
 def web_demo():
-    return scripts.web_demo
+    """The page's question and answer handlers (scripts/web_demo_answers.py)."""
+    return scripts.web_demo_answers
 
 
 @pytest.fixture

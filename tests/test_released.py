@@ -268,6 +268,7 @@ def ask(images) -> list[tuple[list[dict], list]]:
     return [([{"role": "user", "content": "<image>\n" + QUESTION}], [images[0]])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["lora", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_py_keeps_frozen_weights_and_infer_py_answers(family, recipe, train_run, released_vlm,
@@ -375,6 +376,7 @@ def test_init_from_refuses_a_parent_trained_on_other_weights(train_run, released
     assert not os.path.exists(os.path.join(out, DELTA))
 
 
+@pytest.mark.slow
 def test_the_real_scripts_as_subprocesses(released_vlm, released_data, tmp_path):
     """`python train.py --vlm_model DIR` (LoRA) then `python infer.py --checkpoint OUT`, as a user runs them."""
     folder, out = released_vlm("qwen2_5_vl"), str(tmp_path / "out")

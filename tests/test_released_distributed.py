@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import torch
 from helpers import REPO_ROOT, SUBPROCESS_ENV, TORCHRUN
 from safetensors.torch import load_file
@@ -64,6 +65,8 @@ def answers(out, image_folder: str) -> tuple[list[str], torch.Tensor]:
     return generate_answers(model, inputs, prompts, max_new_tokens=8), tokens
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_with_a_text_only_batch_on_one_rank_finishes(released_vlm, released_data, tmp_path):
     folder = released_vlm(FAMILY)
     with open(released_data["mixed"]) as f:
@@ -88,6 +91,8 @@ def test_ddp_with_a_text_only_batch_on_one_rank_finishes(released_vlm, released_
     assert isinstance(answer, str) and tokens.shape == (1, 4)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_with_vision_lora_on_llava_trains(released_vlm, released_data, tmp_path):
     """LoRA on the tower (`--lora_target vit`) under 2-rank DDP, which train.py runs without
     find_unused_parameters: every LoRA weight must get a gradient on every step."""
@@ -99,6 +104,9 @@ def test_ddp_with_vision_lora_on_llava_trains(released_vlm, released_data, tmp_p
     assert adapter and all("vision_tower" in k for k in adapter)
 
 
+@pytest.mark.deepspeed
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_save_is_whole_and_loads_on_one_process(released_vlm, released_data, tmp_path):
     folder = released_vlm(FAMILY)
     # zero3.json, except that no tensor is small enough to stay whole: the tiny model's are all
@@ -133,6 +141,8 @@ def test_zero3_save_is_whole_and_loads_on_one_process(released_vlm, released_dat
     assert isinstance(answer, str) and tokens.shape == (1, 4)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp2_shards_each_layer_and_saves_a_whole_delta(released_vlm, released_data, tmp_path):
     """FSDP2 (`fully_shard`) wraps the layer classes the released model declares
     (`_no_split_modules`): each is its own shard group; the delta and adapter are gathered whole
@@ -158,6 +168,9 @@ def test_fsdp2_shards_each_layer_and_saves_a_whole_delta(released_vlm, released_
     assert all(torch.equal(params[name], tensor) for name, tensor in delta.items())
 
 
+@pytest.mark.deepspeed
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero2_trains_and_its_delta_loads(released_vlm, released_data, tmp_path):
     folder = released_vlm(FAMILY)
     out = tmp_path / "zero2"

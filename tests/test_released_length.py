@@ -129,6 +129,7 @@ def test_train_py_drops_a_record_its_image_makes_too_long_and_trains(released_vl
     assert (out / "delta.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_check_data_script_counts_a_released_vlms_images(released_vlm, tmp_path):
     """scripts/check_data.py reads records as train.py does, a released VLM's images included."""
     processor = processor_of(released_vlm, "qwen2_5_vl")

@@ -28,6 +28,7 @@ SCRIPTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_released_script_trains_two_steps(script, demo_data, tmp_path_factory):
     family, extra, modes = SCRIPTS[script]
@@ -45,6 +46,7 @@ def test_released_script_trains_two_steps(script, demo_data, tmp_path_factory):
     assert "'loss'" in result.stdout  # it logged the two steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, config, connector, llm_lora, header", [
     # LLaVA-1.5-7B: the mlp2x_gelu projector's 21.0M and LoRA r=128's 319.8M (LLaVA's own figures);
     # a 336 px image is 24 x 24 = 576 tokens.

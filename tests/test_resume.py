@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,6 +40,7 @@ def run(argv):
     return result
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tiny_base, demo_data, tmp_path):
     reference = str(tmp_path / "reference")
     run(train_argv(tiny_base, demo_data, reference))
@@ -83,6 +85,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_base, demo_data, tmp_pat
     assert checkpoints == ["checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_relaunching_a_finished_run_changes_nothing(tiny_base, demo_data, tmp_path):
     """What a retrying job scheduler does: the same command with --resume_from_checkpoint true
     after the run ended. No step past max_steps, no file rewritten."""
@@ -99,6 +102,7 @@ def test_relaunching_a_finished_run_changes_nothing(tiny_base, demo_data, tmp_pa
         assert torch.equal(tensor, delta[name]), name
 
 
+@pytest.mark.slow
 def test_a_finished_run_cut_off_before_its_final_save_saves_its_last_checkpoint(tiny_base, demo_data, tmp_path):
     out = str(tmp_path / "run")
     argv = train_argv(tiny_base, demo_data, out, "--max_steps", "4", "--lr_scheduler_type", "constant")

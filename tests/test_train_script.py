@@ -59,6 +59,7 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_train_writes_the_checkpoint_and_reports_accuracy(trained, tiny_base, demo_data):
     out, result = trained
     for name in ("config.yaml", "freeze_table.txt", "vlm_manifest.json", "delta.safetensors", "eval_predictions.jsonl"):
@@ -99,6 +100,7 @@ def test_train_writes_the_checkpoint_and_reports_accuracy(trained, tiny_base, de
     assert [p["answer"] for p in predictions] == [r["conversations"][1]["value"] for r in records]
 
 
+@pytest.mark.slow
 def test_infer_answers_one_question(trained, demo_data):
     out, _ = trained
     with open(demo_data["eval"]) as f:
@@ -115,6 +117,7 @@ def test_infer_answers_one_question(trained, demo_data):
     assert result.stdout.endswith(expected + "\n")  # the answer may span lines; it is printed last
 
 
+@pytest.mark.slow
 def test_infer_answers_a_data_file(trained, demo_data, tmp_path):
     out, _ = trained
     preds = str(tmp_path / "preds.jsonl")
@@ -140,6 +143,7 @@ def test_infer_answers_a_data_file(trained, demo_data, tmp_path):
     assert rows == read_jsonl(os.path.join(out, "eval_predictions.jsonl"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("report_to", ["wandb", "tensorboard"])
 def test_training_logs_to_wandb_offline_and_tensorboard(report_to, tiny_base, demo_data, tmp_path):
     out = str(tmp_path / "run")

@@ -26,6 +26,8 @@ from helpers import save_video
 from PIL import Image
 
 import scripts.web_demo
+import scripts.web_demo_answers
+import scripts.web_demo_panel
 from config import ModelArguments
 from data.dataset import read_records
 from data.media import load_video_frames
@@ -204,6 +206,8 @@ def answers(page) -> tuple[str, str]:
     return page.locator("#finetuned textarea").input_value(), page.locator("#base textarea").input_value()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_page_describes_the_checkpoint(page):
     info = page.locator("#checkpoint-info").inner_text()
     for words in ("vision", "connector", "llm", "trainable", "mlp2x_gelu", "120 of 120"):
@@ -219,6 +223,8 @@ def test_page_describes_the_checkpoint(page):
     assert re.search(r"held-out accuracy: [01]\.\d{3} at step 120 \(8 records\)", page.locator("#accuracy-plot").inner_text())
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_finetuned_answer_is_infer_py_answer_and_base_answers_beside_it(page, checkpoint, workdir):
     record = eval_record(workdir, 0)  # held out: the run never trained on it
     image = os.path.join(workdir, DATA, record["image"])
@@ -239,6 +245,8 @@ def test_finetuned_answer_is_infer_py_answer_and_base_answers_beside_it(page, ch
     assert "Error" not in page.locator("#status").inner_text()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_picker_fills_the_question_and_shows_the_expected_answer(page, workdir):
     """A --data record: its image, its question, its expected answer; then both answers, and
     the README's screenshot."""
@@ -255,6 +263,8 @@ def test_picker_fills_the_question_and_shows_the_expected_answer(page, workdir):
     page.screenshot(path=SCREENSHOT, full_page=True)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_bad_input_is_a_readable_error(page):
     status = page.locator("#status")
     ask(page, "   ")  # no question
@@ -267,6 +277,8 @@ def test_bad_input_is_a_readable_error(page):
     assert page.locator("#finetuned textarea").input_value() == ""
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_refused_checkpoint_shows_the_loaders_message(browser, urls):
     """The page still starts, says why the loader refused, and offers nothing to ask."""
     page = browser.new_page()
@@ -282,22 +294,28 @@ def test_refused_checkpoint_shows_the_loaders_message(browser, urls):
 
 @pytest.fixture(scope="module")
 def web_demo():
-    """The script as a module, for its helpers (no server)."""
+    """The script as a module, for its loader (no server)."""
     return scripts.web_demo
 
 
-def test_unreadable_and_huge_images_are_refused_in_words(web_demo, tmp_path):
+@pytest.fixture(scope="module")
+def handlers():
+    """The page's question and answer handlers."""
+    return scripts.web_demo_answers
+
+
+def test_unreadable_and_huge_images_are_refused_in_words(handlers, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     huge = tmp_path / "huge.png"
     Image.new("1", (5000, 4000)).save(huge)  # 20 Mpixel, a few KB on disk
-    with pytest.raises(web_demo.PageError, match="cannot be read as an image"):
-        web_demo.read_images([str(broken)])
-    with pytest.raises(web_demo.PageError, match="5000x4000: more than"):
-        web_demo.read_images([str(huge)])
+    with pytest.raises(handlers.PageError, match="cannot be read as an image"):
+        handlers.read_images([str(broken)])
+    with pytest.raises(handlers.PageError, match="5000x4000: more than"):
+        handlers.read_images([str(huge)])
 
 
-def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
+def test_picker_reads_multi_image_and_video_records(handlers, tmp_path):
     """--data records as read_records gives them: "image" a list, "video" a folder of frames or an
     mp4 (its decoded frames go to the gallery, which keeps them as PNG: the pixels the model sees)."""
     for name in ("a.png", "b.png"):
@@ -316,20 +334,21 @@ def test_picker_reads_multi_image_and_video_records(web_demo, tmp_path):
         ], f)
     save_video(str(tmp_path / "movie.mp4"), 6)
     records = read_records(str(tmp_path / "data.json"))
-    paths, question, expected, status, _ = web_demo.pick_record(records, str(tmp_path), 3, "0")
+    paths, question, expected, status, _ = handlers.pick_record(records, str(tmp_path), 3, "0")
     assert [os.path.basename(p) for p in paths] == ["a.png", "b.png"] and expected == "a" and status == ""
-    assert len(web_demo.build_prompt(question, web_demo.read_images(paths))) == 1
-    paths, question, expected, _, _ = web_demo.pick_record(records, str(tmp_path), 3, "1")
+    assert len(handlers.build_prompt(question, handlers.read_images(paths))) == 1
+    paths, question, expected, _, _ = handlers.pick_record(records, str(tmp_path), 3, "1")
     assert len(paths) == 3 and question.count("<image>") == 3 and expected == "nothing"
-    with pytest.raises(web_demo.PageError, match="3 `<image>` marker"):
-        web_demo.build_prompt(question, [])
-    frames, question, expected, status, _ = web_demo.pick_record(records, str(tmp_path), 3, "2")
+    with pytest.raises(handlers.PageError, match="3 `<image>` marker"):
+        handlers.build_prompt(question, [])
+    frames, question, expected, status, _ = handlers.pick_record(records, str(tmp_path), 3, "2")
     assert question.count("<image>") == 3 and expected == "it reddens" and status == ""
     reference = load_video_frames(str(tmp_path / "movie.mp4"), 3)
     assert [np.asarray(f).tolist() for f in frames] == [np.asarray(f).tolist() for f in reference]
 
 
-def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, workdir, monkeypatch):
+@pytest.mark.slow
+def test_two_images_and_sampling_answer_on_both_models(web_demo, handlers, checkpoint, workdir, monkeypatch):
     """The page's handler in-process: a two-image question, greedy and sampled."""
     monkeypatch.chdir(workdir)  # the manifest names the base relative to the run's folder
     models = web_demo.load_models(web_demo.WebDemoArguments(checkpoint=checkpoint))
@@ -337,11 +356,11 @@ def test_two_images_and_sampling_answer_on_both_models(web_demo, checkpoint, wor
     gallery = [(os.path.join(DATA, eval_record(workdir, i)["image"]), None) for i in (0, 1)]
     question = "<image> and <image>: what color are the shapes?"
     for mode in ("greedy", "sample"):
-        finetuned, base, status = web_demo.answer(models, gallery, question, 8, mode, 0.7)
+        finetuned, base, status = handlers.answer(models, gallery, question, 8, mode, 0.7)
         assert finetuned and base and "Error" not in status, (mode, finetuned, base, status)
 
 
-def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
+def test_the_page_serves_a_released_vlm_checkpoint(web_demo, handlers, tmp_path):
     """A released VLM's checkpoint: the page's loader opens it and its base, describes it, and the
     fine-tuned answer is infer.py's (the same generate_answers on the same loaded model)."""
     base = make_tiny_vlm("qwen2_5_vl", str(tmp_path / "base"))
@@ -354,9 +373,9 @@ def test_the_page_serves_a_released_vlm_checkpoint(web_demo, tmp_path):
 
     models = web_demo.load_models(web_demo.WebDemoArguments(checkpoint=str(tmp_path / "ckpt")))
     assert "error" not in models, models.get("error")
-    panel = web_demo.describe(models, {})
+    panel = scripts.web_demo_panel.describe(models, {})
     assert f"**released VLM** `{base}`" in panel and "llm" in models["freeze_table"]
-    finetuned, base_answer, _ = web_demo.answer(models, [(str(image), None)], "What color?", 8, "greedy", 1.0)
+    finetuned, base_answer, _ = handlers.answer(models, [(str(image), None)], "What color?", 8, "greedy", 1.0)
     messages = [{"role": "user", "content": "<image>\nWhat color?"}]
     expected = generate_answers(models["finetuned"], models["inputs"], [(messages, [Image.open(image).convert("RGB")])], 8)
     assert finetuned == expected[0] and isinstance(base_answer, str)

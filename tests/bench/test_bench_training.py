@@ -34,7 +34,7 @@ def workdir(tmp_path_factory) -> str:
 def run_bench(workdir: str, *extra: str, args: list[str] = ARGS) -> list[str]:
     result = subprocess.run(
         [sys.executable, "-m", "bench.training", *args, "--workdir", workdir, *extra],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout.splitlines()
@@ -121,7 +121,7 @@ def test_plan_only_plans_every_recipe_without_weights(tmp_path):
     is planned on any machine, with nothing trained or downloaded."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.training", "--shape", "tiny", "--plan_only", "--workdir", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -193,7 +193,7 @@ def test_plan_only_plans_a_native_shape_from_its_config_alone(tmp_path):
     its image at the shape's size (the pixel budget), planned as train.py --dry_run plans it."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.training", "--shape", NATIVE, "--plan_only", "--workdir", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
