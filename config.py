@@ -27,6 +27,7 @@ from model.settings import ModelArguments
 from patches import DeviceSetupHooks
 
 DEFAULT_EVAL_STEPS = 0.1  # a tenth of the run: generation costs far more than a logged loss
+STAGES = ("sft", "dpo")
 
 
 @dataclass
@@ -112,6 +113,20 @@ class TrainArguments(DeviceSetupHooks):  # patches.py: accelerate's state withou
     dry_run: bool = field(
         default=False, metadata={"help": "Print the freeze table and memory plan, then exit."}
     )
+    # The stage picks what is read and what is optimised; everything else (freeze flags, LoRA,
+    # deltas, the loader, resume, DDP/ZeRO) is the same machinery. docs/preference_tuning.md.
+    stage: str = field(
+        default="sft",
+        metadata={"help": "sft: supervised answers (LLaVA records); dpo: preference pairs (chosen/rejected), "
+                  "DPO's sigmoid loss against the model as it stands at step 0."},
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference (TRL's beta)."}
+    )
+    dpo_sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a supervised (NLL) term on the chosen answers added to the DPO loss; 0: off."},
+    )
     # Here, beside transformers' own train_sampling_strategy (group_by_length): it changes only
     # the order the Trainer draws samples in, never what is read.
     group_by_modality_length: bool = field(
@@ -156,6 +171,10 @@ class TrainArguments(DeviceSetupHooks):  # patches.py: accelerate's state withou
         elif self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
             self.eval_steps = DEFAULT_EVAL_STEPS
         super().__post_init__()
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage {self.stage}: unknown stage; choose one of {', '.join(STAGES)}.")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"--dpo_beta {self.dpo_beta:g}: DPO's beta must be > 0 (0.1 is the usual value).")
         if self.group_by_modality_length and self.train_sampling_strategy != "random":
             raise ConfigError(
                 f"--group_by_modality_length true chooses the sampler, and so does --train_sampling_strategy "
@@ -208,6 +227,10 @@ def check_packing(data_args, train_args) -> None:
             f"--packing true chooses the batches, and so does --train_sampling_strategy "
             f"{train_args.train_sampling_strategy}: keep one."
         )
+    if data_args.packing and train_args.stage == "dpo":
+        # A pair's two rows share one prompt and its images; rows of several pairs are not built.
+        raise ConfigError("--packing true packs supervised samples; --stage dpo trains pairs unpacked. "
+                          "Drop --packing for the DPO stage.")
 
 
 def config_dict(model_args, data_args, train_args) -> dict:

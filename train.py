@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import startup  # noqa: F401  (first: before any library loads)
 
+import dataclasses
 import json
 import os
 
@@ -21,6 +22,7 @@ from config import save_resolved_config
 from data.dataset import read_records
 from data.messages import use_messages_dataset
 from data.packing import packed_batch_sampler
+from data.preference import use_preference_dataset
 from data.sampler import modality_length_sampler
 from fixtures.demo_assets import make_missing_demo_assets
 from model.freeze import apply_freeze_policy, format_table
@@ -30,6 +32,7 @@ from run.checkpoint import MANIFEST, load_base, load_delta
 from run.environment import adapt_to_machine
 from run.inputs import model_inputs
 from run.predict import HeldOut, accuracy
+from run.preference import DPO_PLAN_NOTE, PreferenceTrainer, preference_data
 from run.run_folder import finished_step, latest_checkpoint
 from run.sharding import describe_engine, is_sharded
 from run.trainer import VLMTrainer
@@ -39,7 +42,10 @@ def training_data(inputs, data_args, train_args):
     """(dataset, collator, sampler) of the checked records, built by the base's own inputs object
     (data/inputs.py); the sampler None for the Trainer's own. One pass checks and tokenizes the
     records, on each node's first rank while the others wait; then every rank maps the same
-    cached arrays."""
+    cached arrays. `--stage dpo`: preference pairs, both answers checked alike (run/preference.py)."""
+    if train_args.stage == "dpo":
+        dataset, collator = preference_data(inputs, data_args, train_args)
+        return dataset, collator, modality_length_sampler(dataset, train_args)
     with train_args.main_process_first(desc="data pass"):
         dataset = inputs.training_set(data_args, train_args.output_dir if train_args.should_save else None)
     if data_args.packing:  # rows of whole samples (data/packing.py)
@@ -53,6 +59,28 @@ def held_out_records(data_args, inputs) -> HeldOut | None:
     if not data_args.eval_data_path:
         return None
     return HeldOut(read_records(data_args.eval_data_path), data_args.eval_image_folder, inputs, data_args.num_frames)
+
+
+def trainer_class(train_args):
+    """The stage's Trainer: the supervised loss, or DPO's against the step-0 reference."""
+    return PreferenceTrainer if train_args.stage == "dpo" else VLMTrainer
+
+
+def stage_memory_plan(model, data_args, train_args) -> str:
+    """--dry_run's plan. max_length counts image tokens; the plan assumes every batch is padded to
+    it (a released VLM's images at the processor's pixel budget: model/anatomy.py). A DPO step
+    runs each pair's two answers as two rows, the LM head at their labelled tokens unfused."""
+    dpo = train_args.stage == "dpo"
+    # Packed, every row is full: packing_length tokens, and a block-diagonal mask [B, 1, L, L].
+    plan = plan_memory(
+        model,
+        train_args.per_device_train_batch_size * (2 if dpo else 1),
+        data_args.row_length if data_args.packing else data_args.max_length,
+        gradient_checkpointing=bool(train_args.activation_checkpointing),
+        packed=data_args.packing,
+        fused_loss=False if dpo else None,
+    )
+    return format_plan(dataclasses.replace(plan, notes=(*plan.notes, DPO_PLAN_NOTE)) if dpo else plan)
 
 
 def report(train_args, filename: str, text: str) -> None:
@@ -100,26 +128,18 @@ def main(argv=None):
     if data_args.packing:  # a model that cannot keep packed samples apart is refused here
         check_packing(model, train_args.per_device_train_batch_size)
     if train_args.dry_run:
-        # max_length counts image tokens; the plan assumes every batch is padded to it (a released
-        # VLM's images at the processor's pixel budget: model/anatomy.py).
-        # Packed, every row is full: packing_length tokens, and a block-diagonal mask [B, 1, L, L].
-        plan = plan_memory(
-            model,
-            train_args.per_device_train_batch_size,
-            data_args.row_length if data_args.packing else data_args.max_length,
-            gradient_checkpointing=bool(train_args.activation_checkpointing),
-            packed=data_args.packing,
-        )
-        report(train_args, "memory_plan.txt", format_plan(plan))
+        report(train_args, "memory_plan.txt", stage_memory_plan(model, data_args, train_args))
         return
 
     with train_args.main_process_first(desc="data check"):  # rank 0 checks, the others read its cache
+        if train_args.stage == "dpo":  # a dataset of pairs (a hub id, parquet) -> a .jsonl of pairs, once
+            use_preference_dataset(data_args, train_args.output_dir)
         use_messages_dataset(data_args, train_args.output_dir)  # messages format -> LLaVA records, once
     inputs = model_inputs(model, model_args, data_args.chat_template)
     train_dataset, collator, sampler = training_data(inputs, data_args, train_args)
     held_out = held_out_records(data_args, inputs)
     evaluates = train_args.eval_strategy != "no"  # config.check_evaluation: then held_out is set
-    trainer = VLMTrainer(
+    trainer = trainer_class(train_args)(  # DPO's computes the step-0 reference log-probs here
         model=model,
         args=train_args,
         train_dataset=train_dataset,

@@ -21,6 +21,7 @@ import torch
 from data.chunk_check import PassSettings
 from data.dataset import Collator, SupervisedDataset
 from data.packing import PackingCollator
+from data.preference_batch import PairCollator, ProcessorPairCollator
 from data.processor_prompt import (
     ImageTokenCount,
     ProcessorCollator,
@@ -60,6 +61,18 @@ class ModelInputs:
         a released VLM's processor."""
         raise NotImplementedError
 
+    def checked_pass(self, data_args, output_dir: str | None):
+        """(the one pass over --data_path, the positions of the records to leave out): checked and
+        tokenized in one go (data/validate.py), cached and memory-mapped; refuses bad data as the
+        check says. `output_dir`: where the skipped records are listed (None on ranks that do not
+        save)."""
+        return check_training_data(data_args, self.pass_settings(data_args), output_dir)
+
+    def training_set(self, data_args, output_dir: str | None):
+        """The checked samples of --data_path, as this kind's dataset (`samples`)."""
+        prepared, skip = self.checked_pass(data_args, output_dir)
+        return self.samples(prepared, data_args, skip)
+
     def packing_collator(self, data_args, rows_per_device: int) -> PackingCollator:
         """`--packing true`'s collator: this kind's own, its samples then laid end to end into rows
         of `data_args.row_length` tokens (data/packing.py)."""
@@ -94,16 +107,16 @@ class ComposedInputs(ModelInputs):
         return PassSettings(self.tokenizer, self.num_image_tokens, self.image_token_index, data_args.max_length,
                             data_args.image_folder, data_args.num_frames)
 
-    def training_set(self, data_args, output_dir: str | None) -> SupervisedDataset:
-        """The checked samples of --data_path: the one pass (data/validate.py), cached and
-        memory-mapped; refuses bad data as the check says. `output_dir`: where the skipped
-        records are listed (None on ranks that do not save)."""
-        prepared, skip = check_training_data(data_args, self.pass_settings(data_args), output_dir)
+    def samples(self, prepared, data_args, skip) -> SupervisedDataset:
         return SupervisedDataset(prepared, data_args.image_folder, skip, data_args.num_frames)
 
     def collator(self, max_length: int) -> Collator:
         """Samples are already cut to max_length when tokenized."""
         return Collator(self.tokenizer.pad_token_id, self.image_processor)
+
+    def pair_collator(self, max_length: int) -> PairCollator:
+        """Preference pairs (data/preference_batch.py): 2B rows, the images once."""
+        return PairCollator(self.collator(max_length))
 
     def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Left-padded inputs of prompts awaiting their answers: input_ids, attention_mask [B, L]
@@ -148,13 +161,15 @@ class ReleasedInputs(ModelInputs):
         return PassSettings(ProcessorTemplate(self.processor), 1, self.image_token_index, data_args.max_length,
                             data_args.image_folder, data_args.num_frames, self.image_tokens, keep_records=True)
 
-    def training_set(self, data_args, output_dir: str | None) -> ProcessorDataset:
-        prepared, skip = check_training_data(data_args, self.pass_settings(data_args), output_dir)
+    def samples(self, prepared, data_args, skip) -> ProcessorDataset:
         return ProcessorDataset(prepared, data_args.image_folder, self.processor, skip, data_args.num_frames)
 
     def collator(self, max_length: int) -> ProcessorCollator:
         """Images are expanded per batch, so a sample's length is known, and cut, only there."""
         return ProcessorCollator(self.processor, max_length, self.prefix_lm)
+
+    def pair_collator(self, max_length: int) -> ProcessorPairCollator:
+        return ProcessorPairCollator(self.collator(max_length), self.processor.tokenizer.pad_token_id)
 
     def prompt_batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         return encode_batch(self.processor, prompts, add_generation_prompt=True)

@@ -65,6 +65,21 @@ def content_text(content, where: str) -> str:
     return text
 
 
+def saved_images(images: list, index: int, image_dir: str) -> list[str]:
+    """Row `index`'s images as names under `image_dir`: PIL images (and undecoded datasets.Image
+    values) written there as PNG files, paths kept as they are."""
+    names = []
+    for k, image in enumerate(images):
+        if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes", "path"}
+            image = image["path"] if image.get("bytes") is None else Image.open(io.BytesIO(image["bytes"]))
+        if isinstance(image, Image.Image):
+            name = f"images/{index:08d}-{k}.png"
+            image.save(os.path.join(image_dir, name))
+            image = name
+        names.append(str(image))
+    return names
+
+
 def to_llava_record(row: dict, index: int, image_dir: str) -> dict:
     """One messages-format row -> a LLaVA record; PIL images are saved under `image_dir`."""
     where = f"row {index}"
@@ -75,15 +90,7 @@ def to_llava_record(row: dict, index: int, image_dir: str) -> dict:
         {"from": str(m.get("role")), "value": content_text(m.get("content"), f"{where}, turn {k}")}
         for k, m in enumerate(messages)
     ]
-    names = []
-    for k, image in enumerate(row.get("images") or []):
-        if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes", "path"}
-            image = image["path"] if image.get("bytes") is None else Image.open(io.BytesIO(image["bytes"]))
-        if isinstance(image, Image.Image):
-            name = f"images/{index:08d}-{k}.png"
-            image.save(os.path.join(image_dir, name))
-            image = name
-        names.append(str(image))
+    names = saved_images(row.get("images") or [], index, image_dir)
     record = {"id": str(row.get("id", index)), "conversations": conversations}
     if names:
         record["image"] = names

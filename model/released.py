@@ -8,6 +8,7 @@ checkpoint and the loader are the composed base's, not a copy per family.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -25,6 +26,7 @@ from transformers import (
 from constants import IGNORE_INDEX
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
 from model.packing import is_packed, packed_position_ids
+from model.preference import sequence_logps, twice
 from model.quantization import load_kwargs
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
@@ -206,6 +208,8 @@ class ReleasedVLM(VLMBase):
         (`VLMBase.loss_at_labels`). `num_items_in_batch` reaches the loss (else DDP doubles it).
         Positions without an attention mask are a packed batch's, restarting at each sample."""
         num_items = inputs.pop("num_items_in_batch", None)
+        if inputs.pop("pairs", False):  # a preference batch: each row's answer log-prob
+            return sequence_logps(self, self.pair_inputs(inputs), labels)
         if is_packed(inputs):
             # A packed batch (data/packing.py): each family's positions for it (model/packing.py), and
             # no cache: transformers builds the packed mask only without one.
@@ -215,6 +219,18 @@ class ReleasedVLM(VLMBase):
             out = self.vlm(**inputs, labels=labels)
             return zero_loss_if_all_masked(out, labels)
         return self.loss_at_labels(inputs, labels, num_items)
+
+    def pair_inputs(self, inputs: dict) -> dict:
+        """A preference batch's model inputs: the image features of `pair_vision` (the chosen half's
+        vision inputs) computed once by the model's own `get_image_features`, and given to both
+        halves as `mm_encoder_outputs`, transformers' input for features computed outside."""
+        vision = inputs.pop("pair_vision", None)
+        if not vision:
+            return inputs
+        encoder = self.base.model.get_image_features
+        accepted = inspect.signature(encoder).parameters
+        features = encoder(**{k: v for k, v in vision.items() if k in accepted}, return_dict=True)
+        return {**inputs, "mm_encoder_outputs": {"image": twice(features)}}
 
     def last_hidden_states(self, inputs: dict) -> torch.Tensor:
         return self.base.model(**inputs).last_hidden_state + self._image_path_touch(inputs)  # [B, L, D]
@@ -237,7 +253,8 @@ class ReleasedVLM(VLMBase):
         """0.0, or for a text-only batch while the tower or the connector trains, a zero that
         depends on a blank image through the whole image path: under DDP/ZeRO a rank that skips
         the image path leaves the others waiting for its gradients forever."""
-        if any(key.startswith("pixel_values") for key in inputs) or self.blank_image_inputs is None:
+        has_images = "mm_encoder_outputs" in inputs or any(key.startswith("pixel_values") for key in inputs)
+        if has_images or self.blank_image_inputs is None:
             return 0.0
         if not (self.trains("vision") or self.trains("connector")):
             return 0.0

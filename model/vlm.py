@@ -14,6 +14,7 @@ from constants import IGNORE_INDEX
 from model.components import component_of, module_table
 from model.loss import linear_cross_entropy
 from model.packing import is_packed
+from model.preference import sequence_logps
 
 # Image positions in `input_ids` hold this id (LLaVA's convention). It never reaches the
 # embedding table, so the base vocabulary and embeddings stay untouched.
@@ -185,7 +186,10 @@ class VisionLanguageModel(VLMBase):
     def connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, copies: int = 1):
+        """`copies`: the rows hold the images' token slots that many times over, in order (a
+        preference batch's chosen and rejected halves: model/preference.py); the tower and the
+        connector still run once per image."""
         image_mask = input_ids == self.image_token_index  # [B, L]
         embed_tokens = self.llm.get_input_embeddings()
         embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
@@ -200,7 +204,7 @@ class VisionLanguageModel(VLMBase):
                 blank = embeds.new_zeros(1, 3, self.vision.image_size, self.vision.image_size)
                 embeds = embeds + 0.0 * self.embed_images(blank).sum()
             return embeds
-        image_embeds = self.embed_images(pixel_values)  # [N, T, D]
+        image_embeds = self.embed_images(pixel_values).repeat(copies, 1, 1)  # [copies * N, T, D]
         if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(
                 f"{num_slots} image-token positions for {image_embeds.shape[0]} images of "
@@ -220,6 +224,9 @@ class VisionLanguageModel(VLMBase):
         `**kwargs` carries the Trainer's `num_items_in_batch` to the loss: dropping it makes the
         Trainer scale the loss by the world size (loss doubled under 2-rank DDP).
         """
+        if kwargs.pop("pairs", False):  # a preference batch: each row's answer log-prob
+            embeds = self.embed_inputs(input_ids, pixel_values, copies=2)
+            return sequence_logps(self, {"inputs_embeds": embeds, "attention_mask": attention_mask}, labels)
         embeds = self.embed_inputs(input_ids, pixel_values)
         if is_packed({"attention_mask": attention_mask, **kwargs}):
             kwargs["use_cache"] = False  # transformers builds a packed batch's mask only without a cache

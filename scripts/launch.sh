@@ -16,7 +16,7 @@ overrides=()
 [[ -n ${VISION:-} ]] && overrides+=(--vision_model "$VISION")
 [[ -n ${LLM:-} ]] && overrides+=(--llm_model "$LLM")
 [[ -n ${INIT_FROM:-} ]] && overrides+=(--init_from "$INIT_FROM")
-[[ -n ${DATA:-} ]] && overrides+=(--data_path "$DATA")
+[[ -n ${DATA:-} ]] && overrides+=(--data_path "$DATA" --dataset_name "")  # a file wins over a config's dataset
 [[ -n ${IMAGES:-} ]] && overrides+=(--image_folder "$IMAGES")
 [[ -n ${OUT:-} ]] && overrides+=(--output_dir "$OUT")
 # cli.py torchrun: torchrun, without the launcher's traceback when a rank stops on a user error.

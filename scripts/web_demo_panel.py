@@ -1,5 +1,5 @@
 """The web page's side panel: what the checkpoint is (base, fingerprint, connector, LoRA, the
-freeze table) and how it trained (the loss curve and the held-out accuracy curve from its
+freeze table) and how it trained (the loss curve, a DPO run's rewards and the held-out accuracy curve from its
 trainer_state.json). Imported by scripts/web_demo.py; not run on its own."""
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def accuracy_history(state: dict) -> pd.DataFrame | None:
     return _history(state, {"eval_accuracy": "held-out"}, "accuracy")
 
 
+def reward_history(state: dict) -> pd.DataFrame | None:
+    """A --stage dpo run's implicit rewards (run/preference.py), logged with each loss."""
+    return _history(state, {f"rewards/{k}": k for k in ("chosen", "rejected", "margins")}, "reward")
+
+
 def no_loss_note(state: dict) -> str:
     """Why a checkpoint has no loss curve: the file missing, or in it but holding no loss."""
     if not state:
@@ -62,6 +67,11 @@ def training_curves(state: dict) -> None:
         _curve(losses, "loss", "loss", "loss-plot")
     else:
         gr.Markdown(no_loss_note(state), elem_id="loss-note")
+    rewards = reward_history(state)
+    if rewards is not None:  # preference tuning: the rewards beside the loss, the pairs won in the title
+        last = next(e for e in reversed(state["log_history"]) if "rewards/accuracies" in e)
+        title = f"DPO rewards (chosen wins {last['rewards/accuracies']:.2f} of pairs at step {last['step']})"
+        _curve(rewards, "reward", title, "reward-plot")
     if accuracies is not None:
         last = next(e for e in reversed(state["log_history"]) if "eval_accuracy" in e)
         records = f" ({last['eval_samples']} records)" if "eval_samples" in last else ""

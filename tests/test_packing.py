@@ -55,8 +55,8 @@ def case(tiny_base, released_vlm, released_data):
             apply_freeze_policy(model, margs)
             inputs = model_inputs(model, margs)
             folder = released_data["image_folder"]
-            train = inputs.training_set(DataArguments(data_path=released_data["train"], image_folder=folder), set())
-            mixed = inputs.training_set(DataArguments(data_path=released_data["mixed"], image_folder=folder), set())
+            train = inputs.training_set(DataArguments(data_path=released_data["train"], image_folder=folder), None)
+            mixed = inputs.training_set(DataArguments(data_path=released_data["mixed"], image_folder=folder), None)
             built[name] = model, inputs, [mixed[1], train[0], train[1]]
         return built[name]
 
