@@ -61,17 +61,22 @@ def save_video(path, count, size=48) -> str:
 
 # Where each family keeps its parts, in transformers' parameter names (docs/released_vlm_families.md).
 # The connector is checked first: Qwen2.5-VL's merger sits inside its vision module.
+_LLM = ("model.language_model.", "lm_head.")
+_LLAVA_LIKE = {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",), "llm": _LLM}
+_QWEN_LIKE = {"connector": ("model.visual.merger.",), "vision": ("model.visual.",), "llm": _LLM}
+_SMOLVLM_LIKE = {"connector": ("model.connector.",), "vision": ("model.vision_model.",),
+                 "llm": ("model.text_model.", "lm_head.")}
+_MINICPMV_LIKE = {"connector": ("model.merger.",), "vision": ("model.vision_tower.",), "llm": _LLM}
+_ANYRES = {**_LLAVA_LIKE, "connector": ("model.multi_modal_projector.", "model.image_newline")}
 PARTS = {
-    "llava": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-              "llm": ("model.language_model.", "lm_head.")},
-    "qwen2_5_vl": {"connector": ("model.visual.merger.",), "vision": ("model.visual.",),
-                   "llm": ("model.language_model.", "lm_head.")},
-    "smolvlm": {"connector": ("model.connector.",), "vision": ("model.vision_model.",),
-                "llm": ("model.text_model.", "lm_head.")},
-    "paligemma": {"connector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
-                  "llm": ("model.language_model.", "lm_head.")},
-    "minicpmv4_6": {"connector": ("model.merger.",), "vision": ("model.vision_tower.",),
-                    "llm": ("model.language_model.", "lm_head.")},
+    "llava": _LLAVA_LIKE, "llava_next": _ANYRES, "llava_onevision": _ANYRES, "mistral3": _LLAVA_LIKE,
+    "qwen2_5_vl": _QWEN_LIKE, "qwen3_5": _QWEN_LIKE,
+    "qwen3_vl": {**_QWEN_LIKE, "connector": ("model.visual.merger.", "model.visual.deepstack_merger_list.")},
+    "glm4v": {**_QWEN_LIKE, "connector": ("model.visual.merger.", "model.visual.downsample.")},
+    "paligemma": _LLAVA_LIKE, "gemma3": _LLAVA_LIKE,
+    "gemma4": {"connector": ("model.embed_vision.",), "vision": ("model.vision_tower.",), "llm": _LLM},
+    "smolvlm": _SMOLVLM_LIKE, "idefics3": _SMOLVLM_LIKE, "lfm2_vl": _LLAVA_LIKE, "internvl": _LLAVA_LIKE,
+    "minicpmv4_6": _MINICPMV_LIKE, "minicpmv4_7": _MINICPMV_LIKE,
 }
 
 

@@ -53,12 +53,14 @@ RECIPES = {
 }
 # What one supervised assistant turn decodes to: its answer and the template's end of turn, nothing
 # of the prompt (the tiny chat templates of fixtures/tiny_vlms.py).
+CHATML_END = "{}<|im_end|>\n"
 SUPERVISED = {
-    "llava": " {}</s>",
-    "qwen2_5_vl": "{}<|im_end|>\n",
-    "smolvlm": " {}<end_of_utterance>\n",
-    "paligemma": "\n{}<eos>",
-    "minicpmv4_6": "{}<|im_end|>\n",
+    "llava": " {}</s>", "llava_next": " {}</s>", "llava_onevision": CHATML_END, "mistral3": "{}</s>",
+    "qwen2_5_vl": CHATML_END, "qwen3_vl": CHATML_END, "qwen3_5": CHATML_END,
+    "glm4v": "{}<|user|>",  # the template writes no end: the next turn's marker is supervised
+    "paligemma": "\n{}<eos>", "gemma3": "{}<end_of_turn>\n", "gemma4": "{}<end_of_turn>\n",
+    "smolvlm": " {}<end_of_utterance>\n", "idefics3": " {}<end_of_utterance>\n",
+    "lfm2_vl": CHATML_END, "internvl": CHATML_END, "minicpmv4_6": CHATML_END, "minicpmv4_7": CHATML_END,
 }
 ANSWERS = [["red", "circle"], ["2"]]  # per conversation of `conversations`
 QUESTION = "What color are the shapes?"

@@ -15,15 +15,23 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from fixtures.tiny_vlms import FAMILIES, make_tiny_vlm
 
 # What each family's template renders for an image part.
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PLACEHOLDER = {
-    "llava": "<image>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "smolvlm": "<image>",
-    "paligemma": "<image>",
-    "minicpmv4_6": "<|image_pad|>",
+    "llava": "<image>", "llava_next": "<image>", "llava_onevision": "<image>", "mistral3": "[IMG]",
+    "qwen2_5_vl": QWEN_IMAGE, "qwen3_vl": QWEN_IMAGE, "qwen3_5": QWEN_IMAGE,
+    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
+    "paligemma": "<image>", "gemma3": "<start_of_image>", "gemma4": "<image_soft_token>",
+    "smolvlm": "<image>", "idefics3": "<image>", "lfm2_vl": "<image>", "internvl": "<IMG_CONTEXT>\n",
+    "minicpmv4_6": "<|image_pad|>", "minicpmv4_7": "<|image_pad|>",
 }
-# Image tokens (config.image_token_id) a 48x48 image expands to.
-IMAGE_TOKENS = {"llava": 16, "qwen2_5_vl": 9, "smolvlm": 9, "paligemma": 16, "minicpmv4_6": 9}
+# Image tokens (config.image_token_id) a 48x48 image expands to: anyres adds a tile and its row ends;
+# Gemma 4 resizes an image to its soft-token budget.
+IMAGE_TOKENS = {
+    "llava": 16, "llava_next": 36, "llava_onevision": 36, "mistral3": 9,
+    "qwen2_5_vl": 9, "qwen3_vl": 9, "qwen3_5": 9, "glm4v": 9,
+    "paligemma": 16, "gemma3": 4, "gemma4": 64,
+    "smolvlm": 9, "idefics3": 9, "lfm2_vl": 9, "internvl": 9, "minicpmv4_6": 9, "minicpmv4_7": 9,
+}
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color are the shapes?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
@@ -117,9 +125,9 @@ def test_chat_template_prefix_stable(family, tiny_vlm):
     # String content and typed parts render alike.
     as_string = [{"role": "user", "content": PLACEHOLDER[family] + "What color are the shapes?"}]
     as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color are the shapes?"}]}]
-    # Not llava (an image part renders as "<image>\n") nor smolvlm (upstream writes "User:" with no
-    # space when the first part is an image, "User: " otherwise).
-    if family not in ("llava", "smolvlm"):
+    # Not llava's template (an image part renders as "<image>\n") nor smolvlm's (upstream writes
+    # "User:" with no space when the first part is an image, "User: " otherwise).
+    if family not in ("llava", "llava_next", "smolvlm", "idefics3"):
         assert render(as_string) == render(as_parts)
 
 
