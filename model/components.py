@@ -1,18 +1,40 @@
 """Which component a parameter belongs to: `vision`, `connector` or `llm`, for every model.
 
 A composed base names its children so (`vision.encoder...`, `connector...`, `llm...`); a released
-VLM names them its own way, and the same table maps both. A parameter's name is read from its
-deepest module name up, and the first name the table knows decides: Qwen2.5-VL's connector
-`model.visual.merger` sits inside its vision module `model.visual`, so `merger` wins there.
+VLM names them its own way, and the same table maps both: `COMMON_MODULES`, the names most
+families share, plus `FAMILY_MODULES[model_type]`, only what a family names otherwise. A
+parameter's name is read from its deepest module name up, and the first name the table knows
+decides: Qwen2.5-VL's connector `model.visual.merger` sits inside its vision module
+`model.visual`, so `merger` wins there.
 
-    model.vision_tower.encoder.layers.0.mlp.fc1.weight   -> vision     (llava, paligemma, minicpmv4_6)
-    model.visual.merger.mlp.0.weight                     -> connector  (qwen2_5_vl)
-    model.connector.modality_projection.proj.weight      -> connector  (smolvlm)
+    model.vision_tower.encoder.layers.0.mlp.fc1.weight   -> vision     (llava, paligemma, gemma3, ...)
+    model.visual.merger.mlp.0.weight                     -> connector  (qwen2_5_vl, qwen3_vl, glm4v)
+    model.connector.modality_projection.proj.weight      -> connector  (smolvlm, idefics3)
     model.language_model.layers.0.self_attn.q_proj.weight -> llm
     lm_head.weight                                       -> llm        (the LM head belongs to the LLM)
 
+Three rules decide what the names alone do not (each family's entry says which it follows):
+(a) A bare parameter of the top model belongs to the connector: LLaVA-NeXT's and
+    LLaVA-OneVision's `model.image_newline`, the learnt embedding written after each row of
+    image features, exists only to join the tower's features to the LLM's sequence; LLaVA's own
+    training scripts train and freeze it with the projector (`freeze_mm_mlp_adapter`).
+(b) A part of the vision module that projects vision features into the LLM belongs to the
+    connector, and trains with the merger: Qwen3-VL's `model.visual.deepstack_merger_list`
+    (patch mergers of the merger's class whose outputs are added to the LLM's first hidden
+    states) and GLM-4V's `model.visual.downsample` (the 2x2 convolution whose output, of the
+    LLM's width `out_hidden_size`, is the merger's input). ms-swift's arch table puts the
+    deepstack mergers in its aligner; LLaMA-Factory's per-family keys leave GLM-4V's downsample
+    out of the frozen tower (only `patch_embed` and `blocks` freeze), so it trains with the
+    merger there too. A part that runs between tower layers stays vision (MiniCPM-V's
+    `vit_merger`: more tower layers follow it).
+(c) A connector with a name of its own is named per family: Gemma 4's `model.embed_vision`
+    (its multimodal embedder, as ms-swift's aligner for Gemma 3n). Its audio parts, unused by
+    image-text data, ride with the tower (frozen unless the tower trains), as the peers' tables
+    put `audio_tower` with the vision tower.
+
 A family this table does not know is mapped from the config, without a code change:
-`--vision_modules img_encoder --connector_modules mlp1` (see `ModelArguments`).
+`--vision_modules img_encoder --connector_modules mlp1` (see `ModelArguments`); the flags extend
+a known family's table too.
 """
 
 from __future__ import annotations
@@ -21,40 +43,78 @@ import re
 
 COMPONENTS = ("vision", "connector", "llm")
 
-# Module names that mark each component, in transformers' released VLMs and in our composed one.
-KNOWN_MODULES = {
+# Module names that mark each component in most released VLMs (transformers 5.23) and in our composed one.
+COMMON_MODULES = {
     "vision": ("vision", "vision_tower", "visual", "vision_model"),
     "connector": ("connector", "multi_modal_projector", "merger", "resampler", "mm_projector"),
     "llm": ("llm", "language_model", "text_model", "lm_head"),
+}
+
+# Every released family (its config's model_type) the repo knows, with what it names otherwise than
+# COMMON_MODULES (rules a-c above). Children of `model.model` per family: docs/released_vlm_families.md.
+# Each has a tiny fixture in fixtures/tiny_vlms.py (tests/test_families.py holds the two lists equal).
+FAMILY_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
+    "llava": {},  # vision_tower, multi_modal_projector, language_model
+    "llava_next": {"connector": ("image_newline",)},  # (a)
+    "llava_onevision": {"connector": ("image_newline",)},  # (a)
+    "qwen2_5_vl": {},  # visual (merger inside), language_model
+    "qwen3_vl": {"connector": ("deepstack_merger_list",)},  # (b)
+    "qwen3_5": {},  # visual (merger inside), language_model
+    "glm4v": {"connector": ("downsample",)},  # (b)
+    "smolvlm": {},  # vision_model, connector, text_model
+    "idefics3": {},  # vision_model, connector, text_model
+    "paligemma": {},  # vision_tower, multi_modal_projector, language_model
+    "gemma3": {},  # vision_tower, multi_modal_projector, language_model
+    "gemma4": {"connector": ("embed_vision",), "vision": ("audio_tower", "embed_audio")},  # (c)
+    "internvl": {},  # vision_tower, multi_modal_projector, language_model
+    "mistral3": {},  # vision_tower (Pixtral), multi_modal_projector (patch merger inside), language_model
+    "lfm2_vl": {},  # vision_tower (SigLIP2), multi_modal_projector, language_model
+    "minicpmv4_6": {},  # vision_tower (vit_merger inside: vision), merger, language_model
+    "minicpmv4_7": {},  # as 4.6
 }
 
 # What else the code must know of a family, here beside the table above: families whose
 # `token_type_ids` mark a bidirectional prefix (their processors' `suffix=`).
 PREFIX_LM_TYPES = ("paligemma",)
 
+
+def _pooled_to(tokens: int, vision_config) -> int:
+    """Gemma 3: a fixed number of tokens per image, average-pooled from the tower's patches."""
+    side = vision_config.image_size // vision_config.patch_size
+    return side * side // tokens
+
+
 # How many of the tower's patches become one image token in the LLM's sequence, by the config
 # field a family states it in (the memory plan reads it; the processor expands images by it).
+# Each takes the field's value and the vision config.
 PATCHES_PER_TOKEN_FIELDS = {
-    "spatial_merge_size": lambda v: v * v,  # Qwen2-VL family, in vision_config: a 2x2 merge
-    "scale_factor": lambda v: v * v,  # Idefics3 / SmolVLM's pixel shuffle
-    "downsample_mode": lambda v: int(str(v).rstrip("x")),  # MiniCPM-V 4.6: "16x"
+    "spatial_merge_size": lambda v, _: v * v,  # Qwen2-VL family, GLM-4V (vision_config), Mistral 3: 2x2
+    "scale_factor": lambda v, _: v * v,  # Idefics3 / SmolVLM's pixel shuffle
+    "downsample_mode": lambda v, _: int(str(v).rstrip("x")),  # MiniCPM-V 4.6 / 4.7: "16x"
+    "downsample_ratio": lambda v, _: round(1 / v) ** 2,  # InternVL's pixel shuffle: 0.5
+    "downsample_factor": lambda v, _: v * v,  # LFM2-VL's pixel unshuffle: 2
+    "pooling_kernel_size": lambda v, _: v * v,  # Gemma 4 (vision_config): 3x3
+    "mm_tokens_per_image": _pooled_to,  # Gemma 3: 256 per image
 }
 
 
 def patches_per_image_token(config) -> int:
     """1 (one token per patch: llava, PaliGemma), or the merge a family's config states."""
-    for holder in (config, getattr(config, "vision_config", None)):
+    vision_config = getattr(config, "vision_config", None)
+    for holder in (config, vision_config):
         for field, merge in PATCHES_PER_TOKEN_FIELDS.items():
             if getattr(holder, field, None) is not None:
-                return merge(getattr(holder, field))
+                return merge(getattr(holder, field), vision_config)
     return 1
 
 
-def module_table(extra: dict[str, list[str] | None] | None = None) -> dict[str, str]:
-    """{module name: component}: the known names plus a config's own (`--vision_modules` ...)."""
-    table = {name: component for component, names in KNOWN_MODULES.items() for name in names}
-    for component, names in (extra or {}).items():
-        table.update({name: component for name in names or []})
+def module_table(model_type: str | None = None, extra: dict[str, list[str] | None] | None = None) -> dict[str, str]:
+    """{module name: component}: the common names, the family's own (`FAMILY_MODULES[model_type]`;
+    None: a composed base or an unknown family) and a config's (`--vision_modules` ...)."""
+    table = {name: component for component, names in COMMON_MODULES.items() for name in names}
+    for names_by_component in (FAMILY_MODULES.get(model_type or "", {}), extra or {}):
+        for component, names in names_by_component.items():
+            table.update({name: component for name in names or []})
     return table
 
 

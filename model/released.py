@@ -60,11 +60,16 @@ def _with_pixel_budget(args) -> dict:
     return parts
 
 
-def quantization_skip_modules(args) -> list[str]:
+def component_table(args, config) -> dict[str, str]:
+    """{module name: component} of the model `config` describes: its family's entry in
+    model/components.py, extended by the config's own flags (`--vision_modules` ...)."""
+    return module_table(config.model_type, args.component_modules)
+
+
+def quantization_skip_modules(args, table: dict[str, str]) -> list[str]:
     """Module names kept out of bitsandbytes: the connector always, the tower unless it has LoRA
     (a frozen tower in 16-bit costs little and stays exact), and the LM head. The same list at
     training and inference (LLaVA #433's size mismatch came from two lists)."""
-    table = module_table(args.component_modules)
     keep = ("connector",) if args.lora_on_vit else ("connector", "vision")
     # transformers matches each pattern from the start of a module's full name, up to a dot.
     return [rf"(?:.*\.)?{re.escape(name)}" for name, component in sorted(table.items()) if component in keep] + ["lm_head"]
@@ -119,14 +124,15 @@ def lora_target_pattern(model: nn.Module, table: dict[str, str], components: set
 def build_released(args, weights: bool = True) -> ReleasedVLM:
     """The released VLM `args.vlm_model`, with LoRA where the config asks; what trains is decided
     by `model.freeze.apply_freeze_policy`. `weights=False`: shapes only, on the meta device."""
-    table = module_table(args.component_modules)
+    config = AutoConfig.from_pretrained(args.vlm_model, revision=args.vlm_revision)
+    table = component_table(args, config)
     dtype = getattr(torch, args.dtype)
     if weights:
         vlm = AutoModelForImageTextToText.from_pretrained(
-            args.vlm_model, revision=args.vlm_revision, **load_kwargs(args, args.bits < 16, quantization_skip_modules(args))
+            args.vlm_model, revision=args.vlm_revision,
+            **load_kwargs(args, args.bits < 16, quantization_skip_modules(args, table)),
         )
     else:
-        config = AutoConfig.from_pretrained(args.vlm_model, revision=args.vlm_revision)
         with torch.device("meta"):
             vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if args.bits < 16:
