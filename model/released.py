@@ -136,7 +136,7 @@ def build_released(args, weights: bool = True) -> ReleasedVLM:
         with torch.device("meta"):
             vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         if args.bits < 16:
-            vlm = quantize_without_weights(vlm, args, quantization_skip_modules(args))
+            vlm = quantize_without_weights(vlm, args, quantization_skip_modules(args, table))
     if args.bits < 16:
         # Norms and embeddings to fp32 (the peers' "expected Float, found BFloat16"); checkpointing
         # is ours to set, non-reentrant (`activation_checkpointing_enable`).
