@@ -117,8 +117,8 @@ def main(argv=None):
     if train_args.should_save:
         save_resolved_config(os.path.join(train_args.output_dir, "config.yaml"), model_args, data_args, train_args)
 
-    # A 16-bit plan needs shapes only: no weights are downloaded or held (a 7B plans on a laptop).
-    plan_only = train_args.dry_run and model_args.bits == 16
+    # A plan needs shapes only, QLoRA's too: no weights are downloaded or held (a 7B plans on a laptop).
+    plan_only = train_args.dry_run
     model = load_base(model_args, weights=not plan_only)
     if train_args.init_from and not plan_only:
         # An earlier stage's delta on the same base (fingerprint-checked), saved again with this

@@ -87,9 +87,7 @@ def released_anatomy(model) -> Anatomy:
         )
 
     vision = stack("vision", vision_config)
-    pixels, image = _image_pixels(model.build_args, config)
-    patch = vision_config.patch_size
-    patches = pixels // patch**2
+    pixels, patches, image = _image_size(model.build_args, config)
     has_cls = any(n.endswith("class_embedding") for n, _ in vision.params)
     keeps_cls = has_cls and getattr(config, "vision_feature_select_strategy", "default") == "full"
     connector = stack("connector", None)
@@ -126,18 +124,30 @@ def _unmodelled_layers(text_config) -> tuple[str, ...]:
             "layers: what they keep is not modelled, so activations are a lower bound",)
 
 
-def _image_pixels(args, config) -> tuple[int, str]:
-    """Pixels of the image the plan assumes, and how it was chosen."""
+def _image_size(args, config) -> tuple[int, int, str]:
+    """Pixels and patches of the image the plan assumes, and how it was chosen: at the pixel
+    budget, or at the tower's fixed size, whose border short of a whole patch the patch
+    convolution drops (SigLIP at 384 px, patch 14: 27 x 27 patches)."""
+    patch = _sides(config.vision_config.patch_size)
     if args.max_pixels:
         side = math.isqrt(args.max_pixels)
-        return args.max_pixels, f"--max_pixels {args.max_pixels:,} (~{side}x{side} px)"
+        return args.max_pixels, args.max_pixels // (patch[0] * patch[1]), (
+            f"--max_pixels {args.max_pixels:,} (~{side}x{side} px)")
     size = getattr(config.vision_config, "image_size", None) or getattr(config, "image_size", None)
     if not size:
         raise ValueError(
             f"--dry_run: {config.model_type} resizes images to a pixel budget and none is set: "
             "pass --max_pixels (the largest image the plan should hold)."
         )
-    return size * size, f"{size} px"
+    (height, width) = _sides(size)
+    return height * width, (height // patch[0]) * (width // patch[1]), (
+        f"{height} px" if height == width else f"{height}x{width} px")
+
+
+def _sides(size) -> tuple[int, int]:
+    """(height, width) of an image or patch size given as one side (square) or as [height, width]
+    (InternVL's config)."""
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 def _released_connector_saved(connector: Stack, rows: int, trains: bool, act: int) -> float:

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from model.connectors import CONNECTORS
-from model.quantization import load_kwargs
+from model.quantization import load_kwargs, quantize_without_weights
 from model.released import build_released
 from model.vision import VisionTower, load_vision_encoder
 from model.vlm import VisionLanguageModel, VLMBase
@@ -42,16 +42,17 @@ def build_model(args, weights: bool = True) -> VLMBase:
 
     Which parameters train is not decided here but by `model.freeze.apply_freeze_policy`.
     `weights=False` (`--dry_run`): shapes only, on the meta device, from the two config.json
-    files; a 7B recipe is planned without downloading (or having memory for) its weights.
+    files (quantized as loading would, under --bits 8/4); a 7B recipe is planned without
+    downloading (or having memory for) its weights.
     """
-    if not weights and args.bits < 16:
-        raise ValueError("A model without weights cannot be quantized: load the weights to plan QLoRA.")
     if args.vlm_model:
         return build_released(args, weights)
     quantize_vit = args.bits < 16 and args.lora_on_vit
     encoder = load_vision_encoder(
         args.vision_model, revision=args.vision_revision, weights=weights, **load_kwargs(args, quantize_vit)
     )
+    if quantize_vit and not weights:
+        encoder = quantize_without_weights(encoder, args)
     vision = VisionTower(encoder, args.vision_feature_layer, args.vision_feature_select_strategy)
     if weights:
         llm = AutoModelForCausalLM.from_pretrained(
@@ -62,6 +63,8 @@ def build_model(args, weights: bool = True) -> VLMBase:
             llm = AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(args.llm_model, revision=args.llm_revision), dtype=getattr(torch, args.dtype)
             )
+        if args.bits < 16:
+            llm = quantize_without_weights(llm, args)
 
     llm_dim = llm.get_input_embeddings().embedding_dim
     connector = CONNECTORS[args.connector](vision.hidden_size, llm_dim, vision.num_tokens, args)

@@ -9,6 +9,7 @@ import torch
 
 from errors import UserError
 from model.components import COMPONENTS, is_under, layer_index, top_module
+from model.quantization import is_bitsandbytes_weight
 
 
 class FreezeError(UserError):
@@ -41,7 +42,7 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 def is_quantized(param: torch.Tensor) -> bool:
-    return not param.dtype.is_floating_point
+    return is_bitsandbytes_weight(param)
 
 
 def _flag_says_trainable(component: str, name: str, args) -> bool:

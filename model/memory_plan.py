@@ -26,6 +26,7 @@ from torch import nn
 
 from model.anatomy import anatomy
 from model.memory_activations import activation_bytes
+from model.quantization import is_bitsandbytes_weight
 
 
 @dataclass
@@ -84,6 +85,27 @@ def _quant_state_bytes(param, seen: set[int]) -> int:
     return total
 
 
+def planned_quantized_bytes(param) -> tuple[str, int] | None:
+    """(kind, bytes) a bitsandbytes weight of a model without weights will hold once quantized
+    (model/quantization.py `quantize_without_weights`), or None for any other tensor. The layout is
+    bitsandbytes': 4-bit packs two values a byte and keeps an absmax per block (double-quantized:
+    a byte each, with an fp32 absmax per 256 blocks, its 256-value code book and an fp32 offset)
+    and its type's 16-value code book; 8-bit, a byte a value and an fp32 scale per row."""
+    if not (param.is_meta and param.dtype.is_floating_point and is_bitsandbytes_weight(param)):
+        return None
+    numel = param.numel()
+    if hasattr(param, "quant_type"):  # bnb Params4bit, not yet quantized
+        blocks = -(-numel // param.blocksize)
+        if param.compress_statistics:
+            absmax = blocks + 4 * (-(-blocks // 256) + 256 + 1)
+        else:
+            absmax = 4 * blocks
+        return f"{param.quant_type} 4-bit", -(-numel // 2) + absmax + 4 * 16
+    if hasattr(param, "has_fp16_weights"):  # bnb Int8Params
+        return "int8", numel + 4 * param.shape[0]
+    return None
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Resident bytes of parameters and buffers by storage kind, each storage counted once."""
     out: dict[str, int] = {}
@@ -108,7 +130,10 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         seen.add(ptr)
         nbytes = tensor.untyped_storage().nbytes()
         quant_state = getattr(tensor, "quant_state", None)
-        if quant_state is not None:  # packed: two 4-bit values per byte
+        planned = planned_quantized_bytes(tensor)
+        if planned is not None:  # built without weights (--dry_run): what quantizing them will store
+            add(planned[0], planned[1])
+        elif quant_state is not None:  # packed: two 4-bit values per byte
             add(f"{quant_state.quant_type} 4-bit", nbytes + _quant_state_bytes(tensor, seen))
         elif tensor.dtype == torch.int8 and id(tensor) in scales:
             add("int8", nbytes + scales[id(tensor)].numel() * scales[id(tensor)].element_size())
@@ -182,7 +207,8 @@ def _plan_fixed(model, plan: MemoryPlan) -> int:
     plan.weights = weight_bytes(model)
     plan.gradients = sum(p.numel() * p.element_size() for p in trainable)
     plan.optimizer = sum(2 * 4 * p.numel() for p in trainable)  # AdamW: exp_avg, exp_avg_sq in fp32
-    float_dtypes = [p.dtype for _, p in params if p.dtype.is_floating_point and not p.requires_grad]
+    float_dtypes = [p.dtype for _, p in params
+                    if p.dtype.is_floating_point and not p.requires_grad and planned_quantized_bytes(p) is None]
     return torch.finfo(float_dtypes[0] if float_dtypes else torch.float32).bits // 8
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 from transformers import BitsAndBytesConfig
+from transformers.quantizers import AutoHfQuantizer
 
 # Kept in full precision in a quantized base, at training and at inference alike (a different
 # skip list at inference is LLaVA #433's size-mismatch). The connector is not part of the
@@ -36,3 +38,21 @@ def load_kwargs(args, quantize: bool, skip_modules: list[str] = QUANT_SKIP_MODUL
         "quantization_config": _quantization_config(args, dtype, skip_modules),
         "device_map": {"": device},
     }
+
+
+def quantize_without_weights(model: nn.Module, args, skip_modules: list[str] = QUANT_SKIP_MODULES) -> nn.Module:
+    """A model built on the meta device (`--dry_run`), laid out as `from_pretrained` with `load_kwargs`
+    would load it: the same quantizer replaces the same linear layers by bitsandbytes' (its own skip
+    rules, ours, the tied head's), before any weight exists. The layers' weights stay empty, their
+    quantization planned (model/memory_plan.py counts what quantizing would store), so QLoRA is
+    planned from a config.json alone, as 16-bit recipes are."""
+    dtype = getattr(torch, args.dtype)
+    quantizer = AutoHfQuantizer.from_config(_quantization_config(args, dtype, skip_modules), pre_quantized=False)
+    quantizer.preprocess_model(model, dtype=dtype, device_map={"": "meta"})
+    return quantizer.postprocess_model(model)
+
+
+def is_bitsandbytes_weight(param: torch.Tensor) -> bool:
+    """Whether `param` is a bitsandbytes weight (Params4bit, Int8Params): quantized, or on a model
+    without weights (`quantize_without_weights`) to be quantized, where its dtype is still a float."""
+    return not param.dtype.is_floating_point or hasattr(param, "quant_type") or hasattr(param, "has_fp16_weights")

@@ -25,9 +25,13 @@ from transformers import (
 
 from constants import IGNORE_INDEX
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
+<<<<<<< HEAD
 from model.packing import is_packed, packed_position_ids
 from model.preference import sequence_logps, twice
 from model.quantization import load_kwargs
+=======
+from model.quantization import load_kwargs, quantize_without_weights
+>>>>>>> h-recipes
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
 
@@ -138,6 +142,8 @@ def build_released(args, weights: bool = True) -> ReleasedVLM:
     else:
         with torch.device("meta"):
             vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        if args.bits < 16:
+            vlm = quantize_without_weights(vlm, args, quantization_skip_modules(args, table))
     if args.bits < 16:
         # Norms and embeddings to fp32 (the peers' "expected Float, found BFloat16"); checkpointing
         # is ours to set, non-reentrant (`activation_checkpointing_enable`).

@@ -115,6 +115,23 @@ def test_4bit_weights_count_half_a_byte_plus_quant_state(tiny_base):
     assert int8["int8"] == logical + 4 * rows  # a byte each, an fp32 scale per row
 
 
+@pytest.mark.parametrize("recipe", ["qlora_nf4", "qlora_fp4_single_quant", "qlora_both_nf4", "lora_8bit"])
+def test_a_quantized_plan_without_weights_holds_what_loading_quantized_holds(recipe, tiny_base):
+    """--dry_run plans QLoRA on the meta device (no weights to quantize): the quantizer lays the
+    model out as loading would, and the plan counts what quantizing will store. Every figure of the
+    plan equals the one of the model really loaded and quantized."""
+    real = plan_memory(built(tiny_base, **RECIPES[recipe][0]), 2, 128, gradient_checkpointing=True)
+    args = tiny_model_args(tiny_base, **RECIPES[recipe][0])
+    meta = load_base(args, weights=False)
+    apply_freeze_policy(meta, args)
+    assert all(p.is_meta for n, p in meta.named_parameters() if "lora_" not in n)
+    planned = plan_memory(meta, 2, 128, gradient_checkpointing=True)
+    assert any("bit" in kind or kind == "int8" for kind in planned.weights), planned.weights
+    assert planned.weights == real.weights
+    assert (planned.gradients, planned.optimizer, planned.activations_ckpt) == (
+        real.gradients, real.optimizer, real.activations_ckpt)
+
+
 def test_image_tokens_must_fit_the_sequence(tiny_base):
     model = built(tiny_base)
     with pytest.raises(ValueError, match="max_length"):

@@ -25,10 +25,17 @@ SCRIPTS = {
     "minicpmv46_lora.sh": ("minicpmv4_6", [], ("frozen", "full", "lora")),
     "smolvlm_full.sh": ("smolvlm", [], ("frozen", "full", "full")),
     "paligemma2_openpi.sh": ("paligemma", [], ("frozen", "full", "lora")),
+    # The current models' recipes (planned from their real shapes below); the tiny Qwen towers' 8-px
+    # patches merged 2 x 2 take 48-px images within 32^2..64^2 px.
+    "qwen3vl_lora.sh": ("qwen3_vl", ["--min_pixels", "1024", "--max_pixels", "4096"], ("frozen", "full", "lora")),
+    "qwen35_lora.sh": ("qwen3_5", ["--min_pixels", "1024", "--max_pixels", "4096"], ("frozen", "full", "lora")),
+    "gemma3_qlora.sh": ("gemma3", [], ("frozen", "full", "qlora")),
+    "internvl35_lora.sh": ("internvl", [], ("frozen", "full", "lora")),
+    "llava_onevision_lora.sh": ("llava_onevision", [], ("frozen", "full", "lora")),
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a train.py subprocess each
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_released_script_trains_two_steps(script, demo_data, tmp_path_factory):
     family, extra, modes = SCRIPTS[script]
@@ -71,3 +78,54 @@ def test_a_7b_released_recipe_plans_from_configs_alone(shape, config, connector,
     adamw = next(line for line in result.stdout.splitlines() if line.startswith("AdamW states"))
     assert adamw.endswith(f" {8 * (connector + llm_lora) / 2**30:.2f} GiB")  # two fp32 moments per trainable value
     assert "activations, checkpointing on" in result.stdout and "note:" not in result.stdout
+
+
+# The current models' recipes, each planned through its own script from the model's config.json
+# (configs/shapes/): no weights, no download. script -> (shape, the freeze table's modes, the
+# model's published size in parameters, the plan's batch line).
+CURRENT_RECIPES = {
+    # 8.77B (the hub's count); the connector is the merger and the three DeepStack mergers.
+    "qwen3vl_lora.sh": ("qwen3-vl-8b-instruct", ("frozen", "full", "lora"), 8.77e9,
+                        "batch 4 x 4096 tokens (1280 image + 2816 text)"),  # 1,310,720 px / 16^2 / 2x2 merge
+    # The checkpoint holds 9.65B (19,306,216,416 bytes of bf16), 0.24B of them its multi-token
+    # prediction head (`mtp.*`: one decoder layer and its fc), which transformers does not load.
+    "qwen35_lora.sh": ("qwen3.5-9b", ("frozen", "full", "lora"), 9.65e9 - 0.243e9,
+                       "batch 2 x 4096 tokens (1280 image + 2816 text)"),
+    # 4.30B; 896 px / 14 = 64^2 patches, average-pooled to 256 tokens.
+    "gemma3_qlora.sh": ("gemma-3-4b-it", ("frozen", "full", "qlora"), 4.30e9,
+                        "batch 8 x 2048 tokens (256 image + 1792 text)"),
+    # 8.53B (an untied head: 622M of them); a 448-px tile is 32^2 patches, pixel-shuffled 2x2 to 256.
+    "internvl35_lora.sh": ("internvl3_5-8b-hf", ("frozen", "full", "lora"), 8.53e9,
+                           "batch 4 x 4096 tokens (256 image + 3840 text)"),
+    # 8.03B; a 384-px tile is 27^2 patches of 14 px (the border short of a patch dropped).
+    "llava_onevision_lora.sh": ("llava-onevision-qwen2-7b-ov-hf", ("frozen", "full", "lora"), 8.03e9,
+                                "batch 2 x 8192 tokens (729 image + 7463 text)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CURRENT_RECIPES))
+def test_a_current_recipe_plans_from_its_shape_through_its_script(script, tmp_path):
+    """`bash scripts/X.sh --dry_run true` with MODEL at the shape: its freeze table and memory plan,
+    QLoRA's too, and the model it builds is the published one, within 1% of its size."""
+    shape, modes, published, header = CURRENT_RECIPES[script]
+    env = {**os.environ, "NPROC": "1", "MODEL": f"configs/shapes/{shape}", "OUT": str(tmp_path),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", script), "--dry_run", "true", "--report_to", "none"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, f"{script}: exit {result.returncode}\n{result.stderr[-4000:]}"
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "freeze_table.txt", "memory_plan.txt"]
+    with open(tmp_path / "freeze_table.txt") as f:
+        rows = {line.split()[0]: line.split()[1:] for line in f.read().splitlines()[1:]}
+    assert (rows["vision"][0], rows["connector"][0], rows["llm"][0]) == modes, rows
+    lora = int(rows["llm"][2].replace(",", ""))  # the LLM trains its adapters alone; the totals count them
+    base = int(rows["all"][0].replace(",", "")) - lora
+    assert abs(base / published - 1) < 0.01, f"{shape}: {base:,} parameters, published {published:,.0f}"
+    with open(tmp_path / "memory_plan.txt") as f:
+        plan = f.read()
+    assert plan in result.stdout and header in plan
+    assert ("weights nf4 4-bit" in plan) == (modes[2] == "qlora")
+    trainable = int(rows["all"][1].replace(",", ""))
+    value, unit = next(line for line in plan.splitlines() if line.startswith("AdamW states")).split()[-2:]
+    adamw = float(value) * 2 ** (10 * ["B", "KiB", "MiB", "GiB"].index(unit))
+    assert adamw == pytest.approx(8 * trainable, rel=5e-3)  # two fp32 moments per trainable value (to 2 digits)
