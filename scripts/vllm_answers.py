@@ -31,12 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)  # first: --help needs no vLLM
     # One process: the engine in this one (not a spawned engine process and a worker process, each
     # importing torch and vLLM again: ~90 s apiece on a busy 2-core machine).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    args = parse_args(argv)
     with open(args.requests) as f:
         requests = [json.loads(line) for line in f]
     llm = LLM(
@@ -65,5 +65,5 @@ def count_images(messages: list[dict]) -> int:
     )
 
 
-if __name__ == "__main__":  # required: vLLM starts its engine in a spawned process that re-imports this file
+if __name__ == "__main__":  # vLLM's default (a spawned engine process) re-imports this file: guard kept
     main()

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 
 import pytest
 from helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, make_color_set, train_and_answer
@@ -29,6 +30,7 @@ from scripts.export_hf import main as export_main
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 VLLM_PYTHON = os.path.join(REPO_ROOT, ".venv-vllm", "bin", "python")
+ENV_SCRIPT = "scripts/vllm_env.sh"
 # vLLM's CPU attention has kernels for some head sizes only (32, 64, 80, ...; not the fixtures' 16).
 SERVED_HEAD_DIM = 32
 VLLM_ENV = {**SUBPROCESS_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
@@ -40,12 +42,32 @@ LEARNS_TO_ANSWER = ["--lora_r", "8", "--lora_alpha", "64"]
 
 
 def vllm_python() -> str:
-    if os.path.exists(VLLM_PYTHON):
+    """.venv-vllm's python. Under scripts/test.sh, which builds the environment in the background
+    while the suite runs (VLLM_ENV_LOG names the build's log), it waits for that build first."""
+    build_log = os.environ.get("VLLM_ENV_LOG")
+    if build_log:
+        wait_for_build(build_log)
+    if os.path.exists(os.path.join(REPO_ROOT, ".venv-vllm", ".pins")):
         return VLLM_PYTHON
-    reason = "vLLM's environment .venv-vllm is missing: `bash scripts/vllm_env.sh` builds it (scripts/test.sh does)"
+    reason = f"vLLM's environment .venv-vllm is missing: `bash {ENV_SCRIPT}` builds it (scripts/test.sh does)"
     if os.environ.get("CI", "").lower() in ("1", "true"):
         pytest.fail(reason)  # CI's test command builds it: missing there means the install step broke
     pytest.skip(reason)
+
+
+def wait_for_build(build_log: str, timeout_s: int = 1800) -> None:
+    """Until scripts/test.sh's background build wrote its exit status (`<log>.status`); fails on a
+    failed build, with the end of its log."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(build_log + ".status"):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{ENV_SCRIPT} still running after {timeout_s} s (log: {build_log})")
+        time.sleep(5)
+    with open(build_log + ".status") as f:
+        status = f.read().strip()
+    if status != "0":
+        with open(build_log) as f:
+            pytest.fail(f"{ENV_SCRIPT} exited {status}:\n{f.read()[-4000:]}")
 
 
 def with_served_head_dim(family_dir: str, out_dir: str) -> str:
@@ -131,3 +153,13 @@ def test_composed_llava_export_answers_in_vllm_as_infer(tiny_base, tmp_path):
 def test_released_export_answers_in_vllm_as_infer(family, tmp_path):
     base = with_served_head_dim(make_tiny_vlm(family, str(tmp_path / "fixture")), str(tmp_path / "base"))
     assert_vllm_answers_as_infer(["--vlm_model", base], str(tmp_path))
+
+
+def test_the_environment_script_keeps_a_built_environment():
+    """scripts/vllm_env.sh rebuilds only when requirements-vllm.txt changed: run again, it returns
+    at once and leaves the environment (and its record of the pins) as it was."""
+    stamp = os.path.join(os.path.dirname(os.path.dirname(vllm_python())), ".pins")
+    before = os.stat(stamp).st_mtime_ns
+    result = subprocess.run(["bash", ENV_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert os.stat(stamp).st_mtime_ns == before and os.path.exists(VLLM_PYTHON)
