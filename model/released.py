@@ -25,13 +25,9 @@ from transformers import (
 
 from constants import IGNORE_INDEX
 from model.components import COMPONENTS, PREFIX_LM_TYPES, component_of, is_under, layer_index, module_table
-<<<<<<< HEAD
 from model.packing import is_packed, packed_position_ids
 from model.preference import sequence_logps, twice
-from model.quantization import load_kwargs
-=======
 from model.quantization import load_kwargs, quantize_without_weights
->>>>>>> h-recipes
 from model.vlm import VLMBase, present_classes, zero_loss_if_all_masked
 from patches import keep_4bit_layout
 

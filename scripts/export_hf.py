@@ -22,6 +22,9 @@ the delta in place, with its processor and the chat template it trained with:
     model = AutoModelForImageTextToText.from_pretrained("outputs/qwen-hf")
     processor = AutoProcessor.from_pretrained("outputs/qwen-hf")
 
+Both model folders hold their weights under the names the family's released checkpoints have on
+the hub (model/hub_layout.py), so that serving engines load them: vLLM serves them (docs/vllm.md).
+
 A QLoRA checkpoint is merged into the base loaded unquantized, as usual for QLoRA.
 """
 
@@ -49,6 +52,7 @@ from transformers import (
 )
 
 from model.freeze import apply_freeze_policy
+from model.hub_layout import write_hub_layout
 from model.vision import load_vision_encoder
 from run.checkpoint import (
     load_base,
@@ -86,6 +90,7 @@ def export_released(model, processor, out: str) -> None:
     vlm = model.vlm.merge_and_unload() if isinstance(model.vlm, PeftModel) else model.vlm
     vlm.generation_config = generation_config
     vlm.save_pretrained(out)
+    write_hub_layout(out)  # the keys its released checkpoints have, which serving engines read
     processor.save_pretrained(out)
 
 
@@ -140,6 +145,7 @@ def export_llava(model, tokenizer, image_processor, out: str) -> None:
     llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
     llava.generation_config = stopping_generation_config(model, tokenizer)
     llava.save_pretrained(out)
+    write_hub_layout(out)  # llava-hf's keys (vision_tower.vision_model.*), which serving engines read
 
     processor = LlavaProcessor(
         image_processor=image_processor,

@@ -29,6 +29,7 @@ from fixtures.synthetic import make_image
 from fixtures.tiny_vlms import FAMILIES, make_tiny_vlm
 from model.build import load_tokenizer_and_image_processor
 from model.freeze import apply_freeze_policy
+from model.hub_layout import write_hub_layout
 from model.released import load_released_processor
 from model.vision import load_vision_encoder
 from run.checkpoint import MANIFEST, load_base, load_checkpoint, save_checkpoint
@@ -74,7 +75,10 @@ def our_input_ids(model, tokenizer) -> torch.Tensor:
 def assert_llava_matches(ckpt: str, out: str, base_vision: str) -> None:
     ours, inputs, _ = load_checkpoint(ckpt)
     tokenizer = inputs.tokenizer
-    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    llava, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    llava.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert write_hub_layout(out) == {}, "the export is already in llava-hf's layout (vision_tower.vision_model.*)"
     inputs = llava_inputs(out)
 
     # One "<image>" expands to the tower's 64 patch tokens, and the whole prompt is token for
@@ -213,7 +217,10 @@ def test_released_vlm_export_opens_in_transformers_and_answers_as_infer(family, 
     save_checkpoint(model, ckpt, processor)
     export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "hf")])
 
-    exported = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
+    exported, info = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    exported.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert write_hub_layout(str(tmp_path / "hf")) == {}, "the export is already in its hub layout"
     exported_processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
     loaded, loaded_inputs, _ = load_checkpoint(ckpt)
     loaded_processor = loaded_inputs.processor
