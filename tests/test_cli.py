@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def fake_bin(tmp_path, pytest_status: int) -> str:
         path = folder / name
         path.write_text("#!/bin/bash\n" + body)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    for tool in ("dirname", "rm"):  # the real ones: the script finds its folder, clears a status file
+        os.symlink(shutil.which(tool), folder / tool)
     return str(folder)
 
 
@@ -445,7 +448,7 @@ def test_a_launch_script_defaults_nproc_to_the_gpus_and_stops_cleanly_on_a_user_
 
 def test_no_launch_script_hard_codes_the_process_count():
     for name in os.listdir(os.path.join(REPO_ROOT, "scripts")):
-        if name.endswith(".sh") and name != "test.sh":
+        if name.endswith(".sh") and name not in ("test.sh", "vllm_env.sh"):  # those two launch no training
             with open(os.path.join(REPO_ROOT, "scripts", name)) as f:
                 text = f.read()
             delegate = re.search(r'\bbash ".*?/(\w+\.sh)"', text)  # a recipe over a shared launcher
