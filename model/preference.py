@@ -51,7 +51,10 @@ def twice(output):
     if isinstance(output, torch.Tensor):
         return torch.cat([output, output])
     if isinstance(output, (list, tuple)):
-        return type(output)([*output, *output])
+        if output and all(isinstance(item, (list, tuple)) for item in output):
+            # Per layer, each per image (Qwen3-VL's deepstack features): each layer's images twice.
+            return type(output)(twice(item) for item in output)
+        return type(output)([*output, *output])  # per image
     if isinstance(output, ModelOutput):
         return type(output)(**{key: twice(value) for key, value in output.items()})
     return output
