@@ -83,7 +83,8 @@ PREFIX_LM_TYPES = ("paligemma",)
 # "1d" (the restarted positions themselves) or "mrope" (each sample's 3-D positions from the
 # model's own `get_rope_index`, under the restarted text positions the mask is built from).
 PACKING_POSITIONS = {
-    "llava": "1d", "smolvlm": "1d", "idefics3": "1d",
+    "llava": "1d", "llava_next": "1d", "llava_onevision": "1d", "mistral3": "1d", "internvl": "1d",
+    "smolvlm": "1d", "idefics3": "1d",
     "qwen2_vl": "mrope", "qwen2_5_vl": "mrope", "qwen3_vl": "mrope", "glm4v": "mrope",
 }
 # Families that cannot be packed safely, and why (named in the refusal); any family in neither
@@ -95,6 +96,9 @@ NOT_PACKABLE = {
               "packed-sequence path",
     "minicpmv4_6": "its LLM (Qwen3.5) has gated-delta-net layers (linear attention and a causal convolution) "
                    "that run across the whole row; only flash-attention's cu_seqlens would cut them",
+    "minicpmv4_7": "its LLM (Qwen3.5) has gated-delta-net layers (linear attention and a causal convolution) "
+                   "that run across the whole row (tests/test_packing.py saw its samples leak)",
+    "lfm2_vl": "its LLM (LFM2) has short causal-convolution layers that run across the whole row",
     "qwen3_5": "its gated-delta-net layers (linear attention and a causal convolution) run across the whole row; "
                "only flash-attention's cu_seqlens would cut them",
 }
