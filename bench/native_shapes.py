@@ -22,13 +22,14 @@ def native_processor(shape: dict):
     an `image_size` square image keeps its size."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    from fixtures.tiny_vlms import QWEN2_5_VL_TEMPLATE, _tokenizer
+    from fixtures.tiny_vlms import bpe_tokenizer
+    from fixtures.tiny_vlms_qwen import QWEN2_5_VL_TEMPLATE
 
     vision, size = shape["vision"], shape["image_size"]
     unit = vision["patch_size"] * vision["spatial_merge_size"]
     if shape["model_type"] != "qwen2_5_vl" or size % unit:
         raise SystemExit(f"native shape: a qwen2_5_vl model with image_size a multiple of {unit} (patch x merge).")
-    tokenizer = _tokenizer(QWEN2_5_VL_SPECIALS, QWEN2_5_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = bpe_tokenizer(QWEN2_5_VL_SPECIALS, QWEN2_5_VL_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     pixels = dict(min_pixels=size * size, max_pixels=size * size, patch_size=vision["patch_size"],
                   merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"])
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
