@@ -348,7 +348,7 @@ def exception_bases() -> dict[str, list[str]]:
 
     bases = {}
     for folder, dirs, files in os.walk(REPO_ROOT):
-        dirs[:] = [d for d in dirs if d not in (".git", "tests", "bench", "__pycache__", "outputs")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "bench", "__pycache__", "outputs")]  # .venv-vllm: not ours
         for name in (n for n in files if n.endswith(".py")):
             with open(os.path.join(folder, name)) as f:
                 tree = ast.parse(f.read())
