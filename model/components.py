@@ -174,3 +174,14 @@ def layer_index(name: str) -> int | None:
     outside every block (embeddings, final norms, heads, connectors)."""
     found = _LAYER.findall(name)
     return int(found[-1]) if found else None
+
+
+# An export's weights under the names the family's released checkpoints use on the hub (what
+# serving engines such as vLLM read; model/hub_layout.py writes them).
+# model_type -> (pattern on a key as transformers 5.x saves it, its replacement in the hub layout).
+# The look-ahead keeps a key already in the hub's layout as it is, so writing twice changes nothing.
+_TOWER_UNDER_VISION_MODEL = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
+HUB_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llava": (_TOWER_UNDER_VISION_MODEL,),  # CLIP (llava-1.5-hf) or SigLIP tower
+    "paligemma": (_TOWER_UNDER_VISION_MODEL,),  # SigLIP tower
+}

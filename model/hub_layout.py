@@ -26,13 +26,8 @@ import re
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# model_type -> (pattern on a key as transformers 5.x saves it, its replacement in the hub layout).
-# The look-ahead keeps a key already in the hub's layout as it is, so writing twice changes nothing.
-_TOWER_UNDER_VISION_MODEL = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
-HUB_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "llava": (_TOWER_UNDER_VISION_MODEL,),  # CLIP (llava-1.5-hf) or SigLIP tower
-    "paligemma": (_TOWER_UNDER_VISION_MODEL,),  # SigLIP tower
-}
+from model.components import HUB_RENAMES  # the family table: each family's hub names
+
 INDEX = "model.safetensors.index.json"
 
 
