@@ -40,6 +40,8 @@ export PYTEST_ADDOPTS="-m '' ${PYTEST_ADDOPTS:-}"
 # of train.py, so a worker per core shares out the CPU time; worksteal keeps them busy to the end.
 # pytest's exit status is this script's (not exec'd: the background build must not outlive it).
 status=0
-python -m pytest -q -n auto --dist worksteal "$@" || status=$?
+# --durations: the slowest tests at the end of the log, the list to trim when CI grows (tests/conftest.py
+# starts the longest first).
+python -m pytest -q -n auto --dist worksteal --durations=25 "$@" || status=$?
 wait
 exit "$status"

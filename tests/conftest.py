@@ -10,6 +10,10 @@ import sys
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per process, inherited by every train.py / torchrun / bench subprocess: the
+# suite runs a pytest worker per core, and two 2-thread processes on 2 cores spin-wait for each
+# other (tiny matmuls ~50x slower, the CPU time counted all the same). A user's own setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -96,3 +100,24 @@ def released_data(tmp_path_factory) -> dict:
     with open(mixed, "w") as f:
         json.dump([with_image, text_only], f)
     return {**paths, "mixed": mixed, "image_folder": str(root)}
+
+
+# --- the order the workers take the tests in (scripts/test.sh: pytest-xdist, --dist worksteal) -----
+# Worksteal hands each worker a contiguous half of this order and lets an idle worker take the tail
+# of the other's queue. So the long tests come first (the run ends on short tests on both cores, not
+# on the demo alone on one): the demo, the longest single test (`--durations`), at once; then the
+# vLLM tests, which wait for .venv-vllm's background install and by then find it built; then the
+# other marked (slow) tests; the fast ones last.
+HEAVY_MARKERS = ("slow", "distributed", "deepspeed", "browser")
+
+
+def _start_rank(item) -> int:
+    if os.path.basename(str(item.path)) == "test_demo.py":
+        return 0
+    if item.get_closest_marker("vllm"):
+        return 1
+    return 2 if any(item.get_closest_marker(name) for name in HEAVY_MARKERS) else 3
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_start_rank)  # stable: collection order within a rank

@@ -17,7 +17,7 @@ from bench.loss_gpu_plan import plan_rows
 from bench.loss_methods import METHODS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["--rows", "64", "--hidden", "16", "--vocabs", "128", "--repeats", "2", "--torch_chunks", "32"]
+ARGS = ["--rows", "64", "--hidden", "16", "--vocabs", "128", "--repeats", "2", "--torch_chunks", "32", "--threads", "1"]
 
 
 def table(stdout: str) -> list[dict[str, str]]:
