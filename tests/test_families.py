@@ -49,11 +49,13 @@ def test_a_familys_names_and_the_flags_extend_the_common_names():
 # need to reach >= 0.9: more epochs, a higher rate (at 4 epochs, 1e-3 they answer "" or a wrong
 # colour: measured 0.0-0.25). The LLM and the connector train, the tower stays frozen.
 FAMILY_FLAGS = [*ANSWER_AND_STOP_FLAGS, "--num_train_epochs", "16", "--learning_rate", "3e-3", "--freeze_llm", "false"]
-# Families that answer and stop on this recipe but below 0.9 (measured 2026-12-03, held-out accuracy):
-# glm4v 0.50 (0.31 with --connector_lr 1e-2, 0.50 with the tower training), gemma4 0.31, paligemma
-# 0.81. Open work (issue 22): their tiny random towers pass too little colour to the LLM; the test
-# still requires each answer to be one colour word, i.e. that the model stopped.
-BELOW_THE_BAR = ("glm4v", "gemma4", "paligemma")
+# Families that answer and stop on this recipe but below 0.9 (held-out accuracy, measured 2026-12-03):
+# glm4v 0.50: its image tokens reach the LLM and hold the colour (a linear probe on the frozen features
+# reads it 16/16), its labels end with the stop <|user|>; it learns later than the others: 1.0 at 32
+# epochs (train loss 0.47 at epoch 16, 0.006 at 32). Scaling the merger's output to the text
+# embeddings' norm (it is 20x smaller) gave 0.81 at 16 epochs but 0.56 at 40x: not the cause. paligemma
+# 0.81. Open work (issue 22); the test still requires each answer to be one colour word (it stopped).
+BELOW_THE_BAR = ("glm4v", "paligemma")
 COLOURS = {"red", "green", "blue", "yellow"}
 
 
