@@ -7,6 +7,7 @@ ways. Conversations are lists of {"role": "user" | "assistant" | "system", "cont
 from __future__ import annotations
 
 from constants import IGNORE_INDEX
+from data.template_shapes import ShapeRenders, render_template
 from errors import UserError
 
 IMAGE_MARKER = "<image>"
@@ -106,33 +107,28 @@ def llava_to_messages(conversations: list[dict], num_images: int = 0, num_frames
     return add_image_markers(messages, num_images)
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
 # The probe turns that show what a template writes around an answer (`turn_end_text`), and before
 # the question of the turn after one (`_next_turn_marker`).
 PROBE_QUESTION, PROBE_ANSWER = "Probe question?", "42"
 
 
 def split_supervised(
-    tokenizer, messages: list[dict], add_generation_prompt: bool = False
+    tokenizer, messages: list[dict], add_generation_prompt: bool = False, render=render_template
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, supervised) pieces. An assistant piece is what the
     template adds for that turn after the generation prompt: the answer and its end of turn, the
     token the model must generate to stop. Where the template writes nothing after an answer
     (GLM-4V style: the next role marker ends the turn), the end of turn is that marker: supervised
     where the next turn writes it, and appended after the last answer, so that every answer learns
-    to stop. Pieces are tokenized one by one, so a prompt at inference splits exactly as in training."""
-    full = _render(tokenizer, messages, add_generation_prompt)
+    to stop. Pieces are tokenized one by one, so a prompt at inference splits exactly as in training.
+    `render`: `render_template`, or a batch's `ShapeRenders` where it fits (data/template_shapes.py)."""
+    full = render(tokenizer, messages, add_generation_prompt)
     pieces, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= done):
             raise TemplateMismatch(
                 f"The chat template does not render turn {i} as a prefix of the conversation, so "
@@ -142,7 +138,7 @@ def split_supervised(
         pieces.append((full[done : len(prompt)], False))
         answer, done = full[len(prompt) : len(through)], len(through)
         if _writes_no_turn_end(answer, message["content"]):
-            marker = _next_turn_marker(tokenizer, messages[: i + 1], through)
+            marker = _next_turn_marker(tokenizer, messages[: i + 1], through, render)
             if i + 1 == len(messages):
                 answer += marker  # not in `full`: the conversation ends here
             elif full.startswith(marker, done):
@@ -162,10 +158,10 @@ def _first_word(text: str) -> str:
     return text[: len(text) - len(stripped) + len(word)]
 
 
-def _next_turn_marker(tokenizer, messages: list[dict], rendered: str) -> str:
+def _next_turn_marker(tokenizer, messages: list[dict], rendered: str, render=render_template) -> str:
     """What the template writes after `messages` (rendered as `rendered`) to open a user turn, through
     its first word ("<|user|>", "USER:"); the tokenizer's eos where it writes nothing there."""
-    following = _render(tokenizer, [*messages, {"role": "user", "content": PROBE_QUESTION}], False)
+    following = render(tokenizer, [*messages, {"role": "user", "content": PROBE_QUESTION}], False)
     opening = following[len(rendered) :].split(PROBE_QUESTION, 1)[0]
     return _first_word(opening) if opening.strip() else tokenizer.eos_token or ""
 
@@ -239,10 +235,11 @@ def tokenize_conversations(
     """`tokenize_conversation` of many conversations at once (one tokenizer call): per
     conversation its (input_ids, labels), or the `TemplateMismatch` / `SampleTooLong` it raised."""
     results: list = [None] * len(conversations)
-    split = {}
+    split, shapes = {}, ShapeRenders()  # the template rendered once per shape of the batch's conversations
     for k, messages in enumerate(conversations):
         try:
-            split[k] = split_supervised(tokenizer, messages)
+            render = shapes if shapes.fits(tokenizer, messages) else render_template
+            split[k] = split_supervised(tokenizer, messages, render=render)
         except TemplateMismatch as e:
             results[k] = e
     encoded = _encode_pieces(tokenizer, list(split.values()), num_image_tokens, image_token_index)

@@ -255,3 +255,30 @@ def test_two_ranks_read_one_cache(tiny_base, demo_data, tmp_path):
     assert log.count("data pass: 64 records") == 1, log[-3000:]
     (folder,) = [d for d in os.listdir(cache) if not d.endswith(".lock")]
     assert os.path.isfile(cache / folder / "COMPLETE")
+
+
+def test_the_template_is_rendered_once_per_shape_and_the_pieces_are_unchanged(tokenizer, monkeypatch):
+    """`tokenize_conversations` renders each conversation shape once and fills its contents in
+    (data/template_shapes.py): the same ids and labels as rendering every prefix, in fewer renders;
+    a content the template branches on ("blue", which BLUE_UNSAID leaves out) is rendered for real."""
+    import data.prompt as prompt
+    import data.template_shapes as template_shapes
+    from data.prompt import tokenize_conversation, tokenize_conversations
+
+    conversations = [[{"role": "user", "content": f"<image>\nWhat is {k}?"}, {"role": "assistant", "content": answer}]
+                     for k, answer in enumerate(["red", " two  words ", "blue", "red\n", "x"] * 4)]
+    conversations.append([*conversations[0], {"role": "user", "content": "And?"}, {"role": "assistant", "content": "y"}])
+    expected = [todays_tokenization(tokenizer, messages) for messages in conversations]
+    renders = []
+    render = template_shapes.render_template
+    shapes = template_shapes.ShapeRenders()
+    assert [shapes.fits(tokenizer, m) for m in conversations] == [m[1]["content"] != "blue" for m in conversations]
+    for module in (template_shapes, prompt):
+        monkeypatch.setattr(module, "render_template", lambda *a, **k: renders.append(1) or render(*a, **k))
+    assert tokenize_conversations(tokenizer, conversations, N_IMAGE, IMAGE_TOKEN, MAX_LENGTH) == expected
+    shaped = len(renders)
+    assert shaped < 2 * len(conversations)  # rendering every prefix: 3 renders each, 5 for the 2-turn one
+    renders.clear()
+    for messages, (ids, labels) in zip(conversations, expected, strict=True):
+        assert tokenize_conversation(tokenizer, messages, N_IMAGE, IMAGE_TOKEN, MAX_LENGTH) == (ids, labels)
+    assert len(renders) > shaped  # one conversation a batch: every shape rendered again
