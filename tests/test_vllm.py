@@ -36,7 +36,7 @@ ENV_SCRIPT = "scripts/vllm_env.sh"
 SERVED_HEAD_DIM = 32
 VLLM_ENV = {**SUBPROCESS_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 # The released families vLLM 0.32 serves from this repo's fixtures (docs/vllm.md: the others and why).
-SERVED_FAMILIES = ("llava", "qwen2_5_vl", "smolvlm", "paligemma")
+SERVED_FAMILIES = ("llava", "qwen2_5_vl", "smolvlm", "paligemma", "qwen3_vl")
 # LoRA that learns the colour question in helpers' few steps (alpha / r = 8; PEFT's default 16 / 64
 # learns only to stop), so that the answers compared are words, not empty strings.
 LEARNS_TO_ANSWER = ["--lora_r", "8", "--lora_alpha", "64"]
