@@ -112,7 +112,7 @@ def test_the_test_script_installs_everything_the_suite_uses_and_returns_pytests_
     assert "pip install" in install
     assert "-r requirements-dev.txt" in install and "-r requirements-deepspeed.txt" in install
     assert apt == ["apt-get update -qq", "apt-get install -y -qq chromium"]  # no chromium on PATH
-    assert test == "python -m pytest -q -n auto --dist worksteal -k config"  # one worker per core
+    assert test == "python -m pytest -q -n auto --dist worksteal --durations=25 -k config"  # one worker per core
 
 
 def requirement_names(path: str) -> set[str]:
