@@ -17,6 +17,7 @@ import torch
 from helpers import REPO_ROOT, SUBPROCESS_ENV, make_color_set, tiny_model_args, torchrun_train
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import set_seed
 
 import run.preference
 import train
@@ -29,7 +30,7 @@ from fixtures.preference import pair_record, write_pairs
 from fixtures.tiny_vlms import FAMILIES
 from model.freeze import apply_freeze_policy
 from model.preference import dpo_loss
-from run.checkpoint import DELTA, MANIFEST, load_base, load_checkpoint
+from run.checkpoint import ADAPTERS, DELTA, MANIFEST, load_base, load_checkpoint
 from run.inputs import model_inputs
 from run.predict import accuracy
 from run.preference import REFERENCE_FILE, compute_reference_logps, preference_data
@@ -219,6 +220,41 @@ def test_the_cached_reference_is_the_init_from_model_at_step_0_and_survives_a_re
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert all(name in e for e in logged)
     assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
+
+
+@pytest.mark.slow
+def test_qlora_dpo_trains_on_the_4bit_base_against_its_step_0_reference(tiny_base, pairs, demo_data, tmp_path):
+    """QLoRA DPO: the LLM in 4-bit nf4 (bitsandbytes), LoRA on it. The cached reference is the 4-bit
+    model at step 0 (LoRA's B starts at zero: the base itself), rebuilt here live within 1e-5; the
+    run moves the policy off it, and its delta (LoRA and connector, no 4-bit weight) loads back."""
+    out = tmp_path / "qlora_dpo"
+    train.main(dpo_argv(tiny_base, pairs, demo_data, out, "--bits", "4", "--max_steps", "2"))
+    with open(out / "freeze_table.txt") as f:
+        table = {line.split()[0]: line.split()[1] for line in f.read().splitlines()[1:4]}
+    assert (table["vision"], table["connector"], table["llm"]) == ("frozen", "full", "qlora")
+
+    args = tiny_model_args(tiny_base, bits=4, lora_enable=True, lora_r=8, lora_dropout=0.0)
+    set_seed(0)  # demo.yaml's seed, set by train.py before it builds the model: the same new connector
+    live_model = load_base(args)
+    apply_freeze_policy(live_model, args)
+    live_model.eval()
+    inputs = model_inputs(live_model, args)
+    dataset, _ = pair_dataset(inputs, pairs, demo_data["image_folder"], tmp_path / "live")
+    collator = inputs.collator(256)
+    live = torch.tensor([[own_logps(live_model, collator, dataset[i][h]) for h in ("chosen", "rejected")]
+                         for i in range(len(dataset))])
+    cached = read_reference(out)  # [pairs, 2]
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=0)
+
+    trained, _, _ = load_checkpoint(str(out))
+    moved = torch.tensor([own_logps(trained, collator, dataset[i]["chosen"]) for i in range(len(dataset))])
+    assert (moved - live[:, 0]).abs().max() > 1e-4
+    assert set(load_file(out / DELTA)) and all("connector" in name for name in load_file(out / DELTA))
+    adapter = load_file(out / ADAPTERS["llm"] / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)  # LoRA only: no 4-bit base weight saved
+    with open(out / "trainer_state.json") as f:
+        logged = [e for e in json.load(f)["log_history"] if "loss" in e]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
 
 
 # --- parity with TRL ---------------------------------------------------------------------------
