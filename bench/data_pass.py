@@ -14,6 +14,7 @@ decoding (fixed: the 2,000 images), the rest per record, and that extrapolated t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -40,9 +41,10 @@ def pass_settings(work: str) -> PassSettings:
     return PassSettings(tokenizer, NUM_IMAGE_TOKENS, image_token_index, 2048, work, 8)
 
 
-def _time_media_checks() -> dict:
-    """The CPU seconds of the pass's media decoding (2,000 images however many records: a fixed
-    cost), kept apart from the per-record cost."""
+@contextlib.contextmanager
+def _timed_media_checks():
+    """Yields {"cpu_s"}: the CPU seconds of the pass's media decoding (2,000 images however many
+    records: a fixed cost), kept apart from the per-record cost; the pass's own function after."""
     timed, check = {"cpu_s": 0.0}, one_pass.check_media_files
 
     def check_media_files(*args, **kwargs):
@@ -53,7 +55,10 @@ def _time_media_checks() -> dict:
             timed["cpu_s"] += time.process_time() - start
 
     one_pass.check_media_files = check_media_files
-    return timed
+    try:
+        yield timed
+    finally:
+        one_pass.check_media_files = check
 
 
 def main(argv=None) -> dict:
@@ -66,8 +71,7 @@ def main(argv=None) -> dict:
     settings = pass_settings(work)
     path = make_llava_shaped(work, args.records)
     profiler = cProfile.Profile(time.process_time) if args.profile else None
-    media = _time_media_checks()
-    with tempfile.TemporaryDirectory() as folder:
+    with _timed_media_checks() as media, tempfile.TemporaryDirectory() as folder:
         start = time.process_time()
         if profiler:
             profiler.enable()
