@@ -7,8 +7,10 @@ each message's content verbatim; for those, the rendering of any conversation is
 its shape (its roles, each content a numbered slot) with the contents put in the slots.
 `ShapeRenders` renders each shape once and fills its slots. It is used for a conversation only
 where the real rendering of the whole conversation equals the filled one (`fits`): a template
-that trims, escapes or branches on a content falls back to rendering every prefix, so the pieces,
-and the samples, are exactly those of rendering each time.
+that trims, escapes or branches on a content falls back to rendering every prefix. The guard
+checks the whole conversation, not each prefix: a template whose prefix renders differ from the
+whole one's in a content-dependent way and yet render the whole verbatim would slip through
+(tests/test_data_cache.py compares both paths' samples, and a template that branches on a content).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _fillable(messages: list[dict]) -> bool:
 
 class ShapeRenders:
     """`render_template` of a conversation by its shape's rendering with the contents filled in
-    (`fits` says where that is exact). Holds the shapes of one batch of conversations."""
+    (`fits` says where it matches the real rendering). Holds the shapes of one batch of conversations."""
 
     def __init__(self):
         self.shapes: dict[tuple, list[str]] = {}  # (roles, generation prompt) -> literal, slot, literal, ...
@@ -56,5 +58,5 @@ class ShapeRenders:
         return "".join(filled)
 
     def fits(self, tokenizer, messages: list[dict]) -> bool:
-        """Whether the filled shape renders `messages` exactly as the template does (one real render)."""
+        """Whether the filled shape renders the whole of `messages` as the template does (one real render)."""
         return _fillable(messages) and self(tokenizer, messages, False) == render_template(tokenizer, messages, False)
