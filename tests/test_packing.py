@@ -7,18 +7,16 @@ sample's tokens changes no other's logits; the whole packed batch has the padded
 supervised-token count. Both attention kernels with a mask (sdpa, eager) are run. The checks are
 shown to catch a broken isolation: positions not restarted, and M-RoPE given 2-D positions.
 The sampler's plan (rows within the packing length, every sample once, the same on every rank,
-deterministic) and a packed run killed and resumed (slow) are tested below.
+deterministic) and, per base, a packed run cut off while saving and resumed (slow) are tested below.
 """
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import tiny_model_args
-from test_resume import run, train_argv
 from transformers import LlamaConfig
 
 from config import DataArguments, TrainArguments, check_packing
@@ -34,7 +32,7 @@ from model.packing import check_packing as check_model_packing
 from model.settings import ModelArguments
 from run.checkpoint import DELTA, load_base
 from run.inputs import model_inputs
-from run.run_folder import latest_checkpoint
+from run.run_folder import COMPLETE
 
 TOLERANCE = 1e-5
 PACKABLE = [f for f in FAMILIES if f in PACKING_POSITIONS]
@@ -247,27 +245,43 @@ def test_dry_run_plans_packed_rows(case):
 
 
 @pytest.mark.slow
-def test_a_packed_run_killed_and_resumed_ends_on_the_uninterrupted_runs_weights(tiny_base, demo_data, tmp_path):
-    import signal
-    import subprocess
+@pytest.mark.parametrize("name", CASES)
+def test_a_packed_run_resumed_from_its_mid_checkpoint_ends_on_the_whole_runs_weights(
+    name, tiny_base, released_vlm, released_data, tmp_path, capsys
+):
+    """Every packable base: 4 packed steps (LoRA on the LLM, the connector) with checkpoints at 2 and 4,
+    and the folder a run killed while saving step 4 leaves (checkpoint-2 complete, checkpoint-4
+    without its completion mark, no final delta), resumed: 2 steps trained, the same final weights,
+    bit for bit. train.py's code in this process; a real SIGKILL mid-run and its folder:
+    tests/test_resume.py (the checkpoint lifecycle is the same packed or not)."""
+    import shutil
 
+    from helpers import LORA_AND_CONNECTOR
     from safetensors.torch import load_file
-    from test_resume import ENV, REPO_ROOT
 
-    packing = ["--packing", "true", "--per_device_train_batch_size", "2", "--max_steps", "6"]
-    reference = str(tmp_path / "reference")
-    result = run(train_argv(tiny_base, demo_data, reference, *packing))
-    interrupted = str(tmp_path / "interrupted")
-    process = subprocess.Popen(train_argv(tiny_base, demo_data, interrupted, *packing), cwd=REPO_ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while latest_checkpoint(interrupted) is None and process.poll() is None:
-        pass
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert latest_checkpoint(interrupted) is not None and not os.path.isfile(os.path.join(interrupted, DELTA))
-    resumed = run(train_argv(tiny_base, demo_data, interrupted, *packing, "--resume_from_checkpoint", "true"))
-    assert 0 < (resumed.stdout + resumed.stderr).count("'loss':") < (result.stdout + result.stderr).count("'loss':")
-    expected, got = load_file(os.path.join(reference, DELTA)), load_file(os.path.join(interrupted, DELTA))
+    import train
+
+    base = ["--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"]] if name == "composed" else \
+        ["--vlm_model", released_vlm(name)]
+    argv = [*base, *LORA_AND_CONNECTOR, "--data_path", released_data["train"],
+            "--image_folder", released_data["image_folder"], "--data_check_cache", str(tmp_path / "cache"),
+            "--packing", "true", "--max_length", "512", "--per_device_train_batch_size", "2",
+            "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-2",
+            "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+            "--dataloader_num_workers", "0"]
+
+    def trained_steps(*extra: str) -> int:
+        capsys.readouterr()
+        train.main([*argv, *extra])
+        return capsys.readouterr().out.count("'loss':")
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert trained_steps("--output_dir", str(whole)) == 4
+    shutil.copytree(whole / "checkpoint-2", cut / "checkpoint-2")
+    shutil.copytree(whole / "checkpoint-4", cut / "checkpoint-4", ignore=shutil.ignore_patterns(COMPLETE))
+    assert trained_steps("--output_dir", str(cut), "--resume_from_checkpoint", "true") == 2
+    expected, got = load_file(str(whole / DELTA)), load_file(str(cut / DELTA))
     assert expected.keys() == got.keys() and expected
-    for name, tensor in expected.items():
-        assert torch.equal(got[name], tensor), name
+    changed = load_file(str(whole / "checkpoint-2" / DELTA))
+    assert any(not torch.equal(changed[k], t) for k, t in expected.items()), "steps 3-4 changed no weight"
+    assert [k for k, t in expected.items() if not torch.equal(got[k], t)] == []
