@@ -185,5 +185,7 @@ def layer_index(name: str) -> int | None:
 _TOWER_UNDER_VISION_MODEL = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
 HUB_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "llava": (_TOWER_UNDER_VISION_MODEL,),  # CLIP (llava-1.5-hf) or SigLIP tower
+    "llava_next": (_TOWER_UNDER_VISION_MODEL,),  # CLIP (llava-v1.6-*-hf)
+    "llava_onevision": (_TOWER_UNDER_VISION_MODEL,),  # SigLIP (llava-onevision-qwen2-*-hf)
     "paligemma": (_TOWER_UNDER_VISION_MODEL,),  # SigLIP tower
 }

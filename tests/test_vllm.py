@@ -20,9 +20,11 @@ import sys
 import time
 
 import pytest
-from helpers import LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, make_color_set, train_and_answer
+from helpers import ANSWER_AND_STOP_FLAGS, LORA_AND_CONNECTOR, REPO_ROOT, SUBPROCESS_ENV, make_color_set
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+import infer
+import train
 from data.processor_prompt import content_parts
 from fixtures.tiny_vlms import make_tiny_vlm
 from run.predict import first_question
@@ -36,7 +38,8 @@ ENV_SCRIPT = "scripts/vllm_env.sh"
 SERVED_HEAD_DIM = 32
 VLLM_ENV = {**SUBPROCESS_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 # The released families vLLM 0.32 serves from this repo's fixtures (docs/vllm.md: the others and why).
-SERVED_FAMILIES = ("llava", "qwen2_5_vl", "smolvlm", "paligemma", "qwen3_vl")
+SERVED_FAMILIES = ("llava", "llava_next", "llava_onevision", "mistral3", "qwen2_5_vl", "qwen3_vl", "smolvlm", "idefics3",
+                   "internvl", "paligemma")
 # LoRA that learns the colour question in helpers' few steps (alpha / r = 8; PEFT's default 16 / 64
 # learns only to stop), so that the answers compared are words, not empty strings.
 LEARNS_TO_ANSWER = ["--lora_r", "8", "--lora_alpha", "64"]
@@ -119,43 +122,72 @@ def data_url(path: str) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def vllm_answers(export: str, requests: list[dict], workdir: str) -> dict:
-    """{id: answer} from scripts/vllm_answers.py, in vLLM's environment."""
-    python = vllm_python()
-    request_file, answer_file = os.path.join(workdir, "requests.jsonl"), os.path.join(workdir, "answers.jsonl")
-    with open(request_file, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in requests)
-    argv = [python, "scripts/vllm_answers.py", "--model", export, "--requests", request_file, "--output", answer_file]
-    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=VLLM_ENV)
-    assert result.returncode == 0, f"vLLM exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    with open(answer_file) as f:
-        return {a["id"]: a["answer"].strip() for a in map(json.loads, f)}
-
-
-def assert_vllm_answers_as_infer(base_flags: list[str], workdir: str, *train_flags: str) -> None:
-    vllm_python()  # before training: a missing environment fails (CI) or skips at once
+def trained_export(base_flags: list[str], workdir: str) -> tuple[str, list[dict], dict]:
+    """(export folder, the client's requests, infer.py's {id: answer}) of a LoRA checkpoint trained
+    on the colour set by train.py's own code, in this process (`train.main`, `infer.main`: their
+    CLI runs as subprocesses in tests/test_stopping.py; here the point is what vLLM answers)."""
     data = make_color_set(os.path.join(workdir, "data"), train_size=64, eval_size=6)
-    trained = train_and_answer(base_flags, workdir, *LORA_AND_CONNECTOR, *LEARNS_TO_ANSWER, *train_flags, data=data)
+    checkpoint, predictions = os.path.join(workdir, "run"), os.path.join(workdir, "predictions.jsonl")
+    train.main([*base_flags, "--data_path", data["train"], "--image_folder", data["image_folder"],
+                "--output_dir", checkpoint, "--data_check_cache", os.path.join(workdir, "cache"),
+                *ANSWER_AND_STOP_FLAGS, *LORA_AND_CONNECTOR, *LEARNS_TO_ANSWER])
+    infer.main(["--checkpoint", checkpoint, "--data", data["eval"], "--image_folder", data["image_folder"],
+                "--output", predictions])
     export = os.path.join(workdir, "export")
-    export_main(["--checkpoint", trained["checkpoint"], "--out", export])
-    served = vllm_answers(export, client_requests(data["eval"], data["image_folder"]), workdir)
-    expected = {p["id"]: p["prediction"] for p in trained["predictions"]}
-    # Some words among the answers (a record answered "" must be "" in vLLM too): more steps to make
-    # every answer a word would cost CI minutes for no more evidence.
-    assert any(expected.values()), f"infer.py answered nothing to compare: {trained['predictions']}"
-    assert served == expected
+    export_main(["--checkpoint", checkpoint, "--out", export])
+    with open(predictions) as f:
+        expected = {p["id"]: p["prediction"] for p in map(json.loads, f)}
+    return export, client_requests(data["eval"], data["image_folder"]), expected
 
 
-def test_composed_llava_export_answers_in_vllm_as_infer(tiny_base, tmp_path):
-    """A composed base (CLIP + mlp2x_gelu + Llama, heads 32 wide) exports as a Llava folder."""
-    flags = ["--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"]]
-    assert_vllm_answers_as_infer(flags, str(tmp_path))
+def vllm_answers(jobs: dict[str, tuple[str, list[dict]]], workdir: str) -> dict[str, dict | str]:
+    """{name: {id: answer}, or the error vLLM raised on that folder} for each job {name: (export,
+    requests)}: ONE run of scripts/vllm_answers.py in vLLM's environment serves them all (vLLM's
+    import and start, ~30-60 s a process on this machine, paid once)."""
+    argv = [vllm_python(), "scripts/vllm_answers.py"]
+    outputs = {}
+    for name, (export, requests) in jobs.items():
+        request_file, outputs[name] = (os.path.join(workdir, f"{name}.{kind}.jsonl") for kind in ("requests", "answers"))
+        with open(request_file, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in requests)
+        argv += ["--model", export, "--requests", request_file, "--output", outputs[name]]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=VLLM_ENV)
+    answers = {}
+    for name, path in outputs.items():
+        if os.path.exists(path + ".error"):
+            with open(path + ".error") as f:  # the traceback's last line: the exception vLLM raised
+                answers[name] = "refused the folder: " + f.read().strip().splitlines()[-1][:500]
+        elif os.path.exists(path):
+            with open(path) as f:
+                answers[name] = {a["id"]: a["answer"].strip() for a in map(json.loads, f)}
+        else:  # the process died before this job: its own output says why
+            answers[name] = f"vLLM exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return answers
 
 
-@pytest.mark.parametrize("family", SERVED_FAMILIES)
-def test_released_export_answers_in_vllm_as_infer(family, tmp_path):
-    base = with_served_head_dim(make_tiny_vlm(family, str(tmp_path / "fixture")), str(tmp_path / "base"))
-    assert_vllm_answers_as_infer(["--vlm_model", base], str(tmp_path))
+def test_every_served_familys_export_answers_in_vllm_as_infer(tiny_base, tmp_path, capsys):
+    """The composed base (CLIP + mlp2x_gelu + Llama, heads 32 wide), exported as a Llava folder, and
+    each of SERVED_FAMILIES: trained, answered and exported here, then served by one vLLM process.
+    One test, not one per family: the families share that process (xdist would split a parametrized
+    set across workers, each starting its own); a mismatch still names its family."""
+    vllm_python()  # before training: a missing environment fails (CI) or skips at once
+    composed = ["--vision_model", tiny_base["vision"], "--llm_model", tiny_base["llm"]]
+    bases = {"composed_llava": composed}
+    for family in SERVED_FAMILIES:
+        fixture = make_tiny_vlm(family, str(tmp_path / family / "fixture"))
+        bases[family] = ["--vlm_model", with_served_head_dim(fixture, str(tmp_path / family / "base"))]
+    jobs, expected = {}, {}
+    for name, flags in bases.items():
+        export, requests, expected[name] = trained_export(flags, str(tmp_path / name))
+        jobs[name] = export, requests
+    capsys.readouterr()  # train.py's and infer.py's logs
+    # Some words among each family's answers (a record answered "" must be "" in vLLM too): more steps
+    # to make every answer a word would cost CI minutes for no more evidence.
+    assert all(any(answers.values()) for answers in expected.values()), f"infer.py answered nothing: {expected}"
+    served = vllm_answers(jobs, str(tmp_path))
+    mismatches = {name: {"vllm": served[name], "infer.py": expected[name]}
+                  for name in jobs if served[name] != expected[name]}
+    assert not mismatches, "\n".join(f"{name}: vLLM {m['vllm']}\n  infer.py {m['infer.py']}" for name, m in mismatches.items())
 
 
 def test_the_environment_script_keeps_a_built_environment():
