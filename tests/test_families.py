@@ -46,16 +46,13 @@ def test_a_familys_names_and_the_flags_extend_the_common_names():
 
 
 # The colour set's recipe (helpers.ANSWER_AND_STOP_FLAGS) with what the random tiny released models
-# need to reach >= 0.9: more epochs, a higher rate (at 4 epochs, 1e-3 they answer "" or a wrong
-# colour: measured 0.0-0.25). The LLM and the connector train, the tower stays frozen.
-FAMILY_FLAGS = [*ANSWER_AND_STOP_FLAGS, "--num_train_epochs", "16", "--learning_rate", "3e-3", "--freeze_llm", "false"]
-# Families that answer and stop on this recipe but below 0.9 (held-out accuracy, measured 2026-12-03):
-# glm4v 0.50: its image tokens reach the LLM and hold the colour (a linear probe on the frozen features
-# reads it 16/16), its labels end with the stop <|user|>; it learns later than the others: 1.0 at 32
-# epochs (train loss 0.47 at epoch 16, 0.006 at 32). Scaling the merger's output to the text
-# embeddings' norm (it is 20x smaller) gave 0.81 at 16 epochs but 0.56 at 40x: not the cause. paligemma
-# 0.81. Open work (issue 22); the test still requires each answer to be one colour word (it stopped).
-BELOW_THE_BAR = ("glm4v", "paligemma")
+# need to reach >= 0.9: more epochs (at 4 epochs, 1e-3 they answer "" or a wrong colour: measured
+# 0.0-0.25). The LLM and the connector train, the tower stays frozen. Measured 2026-12-04, every
+# family >= 0.9 at 32 epochs, 1e-3. At 16 epochs, 3e-3 (the recipe before) glm4v reached 0.50 and
+# paligemma 0.81-0.88: slow learners, not a train/generate mismatch (glm4v's first answer logits of
+# the training forward and of generation's first step are equal, max |diff| 0; it confused green with
+# blue); and 3e-3 was unstable for glm4v (0.94 at 24 epochs, 0.81 at 32), 1e-3 gave 1.0 at 32, 48, 64.
+FAMILY_FLAGS = [*ANSWER_AND_STOP_FLAGS, "--num_train_epochs", "32", "--learning_rate", "1e-3", "--freeze_llm", "false"]
 COLOURS = {"red", "green", "blue", "yellow"}
 
 
@@ -97,8 +94,7 @@ def test_a_trained_family_answers_stops_and_its_export_answers_alike(family, rel
     # Every answer is one colour word: the model stopped after it (one that runs on past its stop,
     # "red red yellow ...", is none); and exact match >= 0.9.
     assert all(r["prediction"] in COLOURS for r in results), results
-    if family not in BELOW_THE_BAR:
-        assert accuracy >= 0.9, results
+    assert accuracy >= 0.9, results
 
     export_hf.main(["--checkpoint", out, "--out", str(tmp_path / "hf")])
     with open(color_set["eval"]) as f:
