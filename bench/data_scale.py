@@ -8,8 +8,8 @@ command on 64 records.
 Prints one row per run: wall seconds of the command (its first training step comes at the end
 of its data pass and model load; two steps follow) and the CPU seconds of all its processes (what
 a busy machine's wall clock hides), the pass's records/s (its own line), the
-peak RSS of the training processes and their summed PSS at its peak (every process of the run:
-for 2 ranks, both ranks and the launcher), and the load average of the machine beside it. Then
+peak RSS of the training processes, their summed PSS at its peak and the sum of each one's peak PSS
+(every process of the run: for 2 ranks, both ranks and the launcher; the pass's workers), and the load average of the machine beside it. Then
 the excess over the 64-record baseline, the figures the targets are set on.
 """
 
@@ -65,19 +65,37 @@ def _field(path: str, name: str) -> int:
 
 
 class TreeMemory(threading.Thread):
-    """Samples a process tree twice a second: the peak of its summed PSS, and the largest
-    VmHWM (peak RSS) of any process in it."""
+    """Samples a process tree four times a second: the peak of its summed PSS, the sum of each
+    process's own peak PSS, the largest VmHWM (peak RSS) of any process in it, and the summed PSS
+    at the first sample after every rank has reported its data (the line `N records, K bad`).
 
-    def __init__(self, root: int):
+    The peaks come at the first training steps, from the attention of the first batches (their
+    lengths differ between a 64-record and a 200K-record set, and their timing between ranks):
+    measured, the peak of the sum moves by ~200 MiB between runs of the same command. The PSS at
+    data-ready holds what the ranks keep of the data, before any step: the figure the two-rank
+    target is read on."""
+
+    def __init__(self, root: int, log: str, ranks: int):
         super().__init__(daemon=True)
-        self.root, self.peak_pss, self.peak_rss, self.done = root, 0, 0, False
+        self.root, self.log, self.ranks, self.done = root, log, ranks, False
+        self.peak_pss, self.peak_rss, self.ready_pss = 0, 0, None
+        self.each_peak_pss: dict[int, int] = {}
+
+    def _data_ready(self) -> bool:
+        with open(self.log, errors="replace") as f:
+            return len(re.findall(r"records, \d+ bad", f.read())) >= self.ranks
 
     def run(self) -> None:
         while not self.done:
             pids = _tree(self.root)
-            self.peak_pss = max(self.peak_pss, sum(_field(f"/proc/{p}/smaps_rollup", "Pss") for p in pids))
+            pss = {p: _field(f"/proc/{p}/smaps_rollup", "Pss") for p in pids}
+            self.peak_pss = max(self.peak_pss, sum(pss.values()))
+            for p, value in pss.items():
+                self.each_peak_pss[p] = max(self.each_peak_pss.get(p, 0), value)
             self.peak_rss = max([self.peak_rss] + [_field(f"/proc/{p}/status", "VmHWM") for p in pids])
-            time.sleep(0.5)
+            if self.ready_pss is None and self._data_ready():
+                self.ready_pss = sum(pss.values())
+            time.sleep(0.25)
 
 
 def train_command(base: dict, data_path: str, image_folder: str, cache: str, out: str, ranks: int) -> list[str]:
@@ -92,7 +110,7 @@ def train_command(base: dict, data_path: str, image_folder: str, cache: str, out
     ]
 
 
-def timed_run(command: list[str], log: str) -> dict:
+def timed_run(command: list[str], log: str, ranks: int) -> dict:
     load = os.getloadavg()[0]
     # One thread a process: on a shared 2-core machine OpenMP's spinning threads slow a tiny step 50x.
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -101,7 +119,7 @@ def timed_run(command: list[str], log: str) -> dict:
     start = time.perf_counter()
     with open(log, "w") as f:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        memory = TreeMemory(process.pid)
+        memory = TreeMemory(process.pid, log, ranks)
         memory.start()
         code = process.wait()
     seconds = time.perf_counter() - start
@@ -116,6 +134,8 @@ def timed_run(command: list[str], log: str) -> dict:
     found = re.search(r"data pass: .*?\((\d+) records/s", text)
     return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "pass_records_per_s": int(found.group(1)) if found else None,
             "peak_rss_mib": round(memory.peak_rss / MIB), "peak_pss_mib": round(memory.peak_pss / MIB),
+            "each_peak_pss_mib": round(sum(memory.each_peak_pss.values()) / MIB),
+            "ready_pss_mib": round((memory.ready_pss or 0) / MIB),
             "load_avg": round(load, 2)}
 
 
@@ -137,13 +157,13 @@ def main(argv=None) -> dict:
         if name != "rerun":
             shutil.rmtree(cache, ignore_errors=True)  # cold: nothing of an earlier pass
         command = train_command(base, path, work, cache, os.path.join(work, f"run-{args.ranks}"), args.ranks)
-        rows[name] = timed_run(command, os.path.join(work, f"{name}-{args.ranks}.log"))
+        rows[name] = timed_run(command, os.path.join(work, f"{name}-{args.ranks}.log"), args.ranks)
         print(f"data_scale ranks={args.ranks} records={64 if path == small else args.records} {name}: "
               + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     for run in ("first_run", "rerun"):
-        excess = {k: rows[run][k] - rows["baseline_64"][k] for k in ("peak_rss_mib", "peak_pss_mib")}
-        print(f"data_scale ranks={args.ranks} {run} beyond baseline: rss_mib={excess['peak_rss_mib']} "
-              f"pss_mib={excess['peak_pss_mib']}")
+        excess = {k: rows[run][k] - rows["baseline_64"][k]
+                  for k in ("peak_rss_mib", "peak_pss_mib", "each_peak_pss_mib", "ready_pss_mib")}
+        print(f"data_scale ranks={args.ranks} {run} beyond baseline: " + " ".join(f"{k}={v}" for k, v in excess.items()))
     return rows
 
 
