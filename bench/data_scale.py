@@ -7,10 +7,11 @@ command on 64 records.
 
 Prints one row per run: wall seconds of the command (its first training step comes at the end
 of its data pass and model load; two steps follow) and the CPU seconds of all its processes (what
-a busy machine's wall clock hides), the pass's records/s (its own line), the
-peak RSS of the training processes, their summed PSS at its peak and the sum of each one's peak PSS
-(every process of the run: for 2 ranks, both ranks and the launcher; the pass's workers), and the load average of the machine beside it. Then
-the excess over the 64-record baseline, the figures the targets are set on.
+a busy machine's wall clock hides), the pass's records/s (its own line), the largest peak RSS
+of one process, the peak of the summed PSS of the run's processes (for 2 ranks, both ranks and
+the launcher; the pass's workers while they run) and that sum at data-ready (TreeMemory), and
+the load average of the machine beside it. Then the excess over the 64-record baseline, the
+figures the targets are set on.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def _field(path: str, name: str) -> int:
 
 
 class TreeMemory(threading.Thread):
-    """Samples a process tree four times a second: the peak of its summed PSS, the sum of each
-    process's own peak PSS, the largest VmHWM (peak RSS) of any process in it, and the summed PSS
-    at the first sample after every rank has reported its data (the line `N records, K bad`).
+    """Samples a process tree four times a second: the peak of its summed PSS, the largest VmHWM
+    (peak RSS) of any process in it, and the summed PSS at the first sample after every rank has
+    reported its data (data/problems.py's line `N records, K bad`; None if no sample saw it).
 
     The peaks come at the first training steps, from the attention of the first batches (their
     lengths differ between a 64-record and a 200K-record set, and their timing between ranks):
@@ -79,7 +80,6 @@ class TreeMemory(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.log, self.ranks, self.done = root, log, ranks, False
         self.peak_pss, self.peak_rss, self.ready_pss = 0, 0, None
-        self.each_peak_pss: dict[int, int] = {}
 
     def _data_ready(self) -> bool:
         with open(self.log, errors="replace") as f:
@@ -88,13 +88,11 @@ class TreeMemory(threading.Thread):
     def run(self) -> None:
         while not self.done:
             pids = _tree(self.root)
-            pss = {p: _field(f"/proc/{p}/smaps_rollup", "Pss") for p in pids}
-            self.peak_pss = max(self.peak_pss, sum(pss.values()))
-            for p, value in pss.items():
-                self.each_peak_pss[p] = max(self.each_peak_pss.get(p, 0), value)
+            pss = sum(_field(f"/proc/{p}/smaps_rollup", "Pss") for p in pids)
+            self.peak_pss = max(self.peak_pss, pss)
             self.peak_rss = max([self.peak_rss] + [_field(f"/proc/{p}/status", "VmHWM") for p in pids])
             if self.ready_pss is None and self._data_ready():
-                self.ready_pss = sum(pss.values())
+                self.ready_pss = pss
             time.sleep(0.25)
 
 
@@ -134,8 +132,7 @@ def timed_run(command: list[str], log: str, ranks: int) -> dict:
     found = re.search(r"data pass: .*?\((\d+) records/s", text)
     return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "pass_records_per_s": int(found.group(1)) if found else None,
             "peak_rss_mib": round(memory.peak_rss / MIB), "peak_pss_mib": round(memory.peak_pss / MIB),
-            "each_peak_pss_mib": round(sum(memory.each_peak_pss.values()) / MIB),
-            "ready_pss_mib": round((memory.ready_pss or 0) / MIB),
+            "ready_pss_mib": None if memory.ready_pss is None else round(memory.ready_pss / MIB),
             "load_avg": round(load, 2)}
 
 
@@ -161,8 +158,10 @@ def main(argv=None) -> dict:
         print(f"data_scale ranks={args.ranks} records={64 if path == small else args.records} {name}: "
               + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     for run in ("first_run", "rerun"):
-        excess = {k: rows[run][k] - rows["baseline_64"][k]
-                  for k in ("peak_rss_mib", "peak_pss_mib", "each_peak_pss_mib", "ready_pss_mib")}
+        excess = {}
+        for k in ("peak_rss_mib", "peak_pss_mib", "ready_pss_mib"):
+            value, baseline = rows[run][k], rows["baseline_64"][k]
+            excess[k] = None if value is None or baseline is None else value - baseline
         print(f"data_scale ranks={args.ranks} {run} beyond baseline: " + " ".join(f"{k}={v}" for k, v in excess.items()))
     return rows
 
