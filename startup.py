@@ -8,10 +8,16 @@ printed it). 4-bit runs without that kernel, and `kernels` would download code a
 an offline machine cannot do: nothing for a user to act on. Only that exact message is dropped;
 any other bitsandbytes message still shows. The filter sits on bitsandbytes' logger before the
 module creating it is imported (logging returns the same logger object by name).
+
+A process killed by a signal (SIGABRT from a library's C++ thread, a segfault in a kernel) prints
+nothing of its own: under torchrun the launcher reports only "Signal 6 (SIGABRT) received".
+faulthandler writes every thread's Python stack to stderr first, so the report says where each
+thread was (a rank's rare "terminate called without an active exception" at exit).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -30,3 +36,9 @@ def drop_missing_kernels_notice(record: logging.LogRecord) -> bool:
 _logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
 if drop_missing_kernels_notice not in _logger.filters:  # once, however often this is imported
     _logger.addFilter(drop_missing_kernels_notice)
+
+if not faulthandler.is_enabled():  # a user's own PYTHONFAULTHANDLER / -X faulthandler wins
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # a stderr with no file descriptor: nowhere to write
+        pass

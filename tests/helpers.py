@@ -37,7 +37,8 @@ def torchrun_train(nproc: int, tiny_base, demo_data, out, *extra, eval_data: str
         "--disable_tqdm", "true", "--per_device_train_batch_size", str(4 // nproc), *extra,
     ]
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    # 8000: a rank killed by a signal ends its stderr with faulthandler's stacks, then the launcher's report.
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-8000:]}"
     return result.stdout
 
 

@@ -485,3 +485,14 @@ def test_a_recipes_workers_fit_this_machine(monkeypatch, capsys):
     environment.adapt_to_machine(train_args)
     assert train_args.dataloader_num_workers == 1
     assert "dataloader_num_workers 4 -> 1" in capsys.readouterr().err
+
+
+def test_a_process_killed_by_a_signal_says_where_each_thread_was():
+    """startup (imported first by every entry point) enables faulthandler: a rank aborted by a
+    library's C++ thread prints its Python stacks, where torchrun alone says only "Signal 6"."""
+    code = "import startup, os\ndef last_words():\n    os.abort()\nlast_words()\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode != 0 and "Fatal Python error: Aborted" in result.stderr, result.stderr
+    assert "in last_words" in result.stderr, result.stderr
