@@ -40,5 +40,5 @@ if drop_missing_kernels_notice not in _logger.filters:  # once, however often th
 if not faulthandler.is_enabled():  # a user's own PYTHONFAULTHANDLER / -X faulthandler wins
     try:
         faulthandler.enable(all_threads=True)
-    except (AttributeError, ValueError, OSError):  # a stderr with no file descriptor: nowhere to write
+    except (RuntimeError, AttributeError, ValueError, OSError):  # no stderr, or one with no file descriptor
         pass
